@@ -60,7 +60,9 @@ class Gemma4Config:
     def __post_init__(self):
         for name in ("sliding", "n_kv_heads", "head_dim", "ffn_dim", "k_eq_v", "moe"):
             if len(getattr(self, name)) != self.n_layers:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected {self.n_layers}")
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} entries, expected {self.n_layers}"
+                )
 
     @property
     def first_shared_layer(self) -> int:
@@ -87,8 +89,16 @@ class LayerSpec:
     @property
     def signature(self) -> tuple:
         donor = None if self.has_kv else self.kv_donor
-        return (self.sliding, self.head_dim, self.n_kv_heads, self.ffn_dim, self.has_kv,
-                donor, self.k_eq_v, self.moe)
+        return (
+            self.sliding,
+            self.head_dim,
+            self.n_kv_heads,
+            self.ffn_dim,
+            self.has_kv,
+            donor,
+            self.k_eq_v,
+            self.moe,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +143,19 @@ def layer_plan(config: Gemma4Config) -> tuple[LayerSpec, ...]:
                     f"{'sliding' if c.sliding[i] else 'global'} layer computes K/V to share"
                 )
             donor = same[-1]
-        specs.append(LayerSpec(
-            index=i, sliding=c.sliding[i], head_dim=c.head_dim[i], n_kv_heads=c.n_kv_heads[i],
-            ffn_dim=c.ffn_dim[i], has_kv=has_kv, kv_donor=donor, k_eq_v=c.k_eq_v[i],
-            moe=c.moe[i],
-        ))
+        specs.append(
+            LayerSpec(
+                index=i,
+                sliding=c.sliding[i],
+                head_dim=c.head_dim[i],
+                n_kv_heads=c.n_kv_heads[i],
+                ffn_dim=c.ffn_dim[i],
+                has_kv=has_kv,
+                kv_donor=donor,
+                k_eq_v=c.k_eq_v[i],
+                moe=c.moe[i],
+            )
+        )
     return tuple(specs)
 
 
@@ -155,18 +173,19 @@ def segments(config: Gemma4Config) -> tuple[Segment, ...]:
     """Scan segments. KV-shared layers always start a new part so a donor is never in the
     segment that reads it (E2B's 4+1 pattern with 20 shared layers works the same way)."""
     plan = layer_plan(config)
-    parts = [plan[: config.first_shared_layer], plan[config.first_shared_layer:]]
+    parts = [plan[: config.first_shared_layer], plan[config.first_shared_layer :]]
     out: list[Segment] = []
     for part in parts:
         if not part:
             continue
         sigs = [s.signature for s in part]
         p = _find_period(sigs)
-        chunks = [part[i: i + p] for i in range(0, len(part), p)]
+        chunks = [part[i : i + p] for i in range(0, len(part), p)]
         for chunk in chunks:
             prev = out[-1] if out and out[-1].stop == chunk[0].index else None
             same = prev is not None and [s.signature for s in prev.slots] == [
-                s.signature for s in chunk]
+                s.signature for s in chunk
+            ]
             if same:
                 out[-1] = dataclasses.replace(prev, n_periods=prev.n_periods + 1)
             else:
@@ -189,14 +208,20 @@ def locate(config: Gemma4Config, layer: int) -> tuple[int, int, int]:
 def _per_layer(value: Any, n: int, key: str, path: str, cast=int) -> tuple:
     if isinstance(value, (list, tuple, np.ndarray)):
         if len(value) != n:
-            raise GGUFError(f"{path}: inconsistent metadata: {key} has {len(value)} entries "
-                            f"but block_count is {n}")
+            raise GGUFError(
+                f"{path}: inconsistent metadata: {key} has {len(value)} entries "
+                f"but block_count is {n}"
+            )
         return tuple(cast(v) for v in value)
     return (cast(value),) * n
 
 
-def config_from_gguf(fields: Mapping[str, Any], tensor_names: set[str], path: str = "<gguf>",
-                     vocab_size: int | None = None) -> Gemma4Config:
+def config_from_gguf(
+    fields: Mapping[str, Any],
+    tensor_names: set[str],
+    path: str = "<gguf>",
+    vocab_size: int | None = None,
+) -> Gemma4Config:
     """Build the config from GGUF key/values plus the set of tensor names.
 
     Tensor presence decides what the metadata does not say: K=V layers (no `attn_v` on a layer
@@ -204,7 +229,9 @@ def config_from_gguf(fields: Mapping[str, Any], tensor_names: set[str], path: st
     """
     arch = fields.get("general.architecture")
     if arch != ARCH:
-        raise GGUFError(f"{path}: architecture is {arch!r}, expected {ARCH!r} (a Gemma 4 text model)")
+        raise GGUFError(
+            f"{path}: architecture is {arch!r}, expected {ARCH!r} (a Gemma 4 text model)"
+        )
 
     def get(key: str, default: Any = ...):
         full = f"{ARCH}.{key}"
@@ -222,28 +249,36 @@ def config_from_gguf(fields: Mapping[str, Any], tensor_names: set[str], path: st
     n_kv = _per_layer(get("attention.head_count_kv"), n, "attention.head_count_kv", path)
     pattern = get("attention.sliding_window_pattern", None)
     if pattern is None:
-        raise GGUFError(f"{path}: inconsistent metadata: {ARCH}.attention.sliding_window_pattern "
-                        "is missing (needed to tell sliding from global layers)")
+        raise GGUFError(
+            f"{path}: inconsistent metadata: {ARCH}.attention.sliding_window_pattern "
+            "is missing (needed to tell sliding from global layers)"
+        )
     sliding = _per_layer(pattern, n, "attention.sliding_window_pattern", path, cast=bool)
     if sliding[-1]:
         raise GGUFError(f"{path}: inconsistent metadata: the last layer must be global")
     dh_g = int(get("attention.key_length"))
     dh_s = int(get("attention.key_length_swa", dh_g))
-    for k_key, v_key in (("attention.key_length", "attention.value_length"),
-                         ("attention.key_length_swa", "attention.value_length_swa")):
+    for k_key, v_key in (
+        ("attention.key_length", "attention.value_length"),
+        ("attention.key_length_swa", "attention.value_length_swa"),
+    ):
         kv, vv = get(k_key, None), get(v_key, None)
         if kv is not None and vv is not None and int(kv) != int(vv):
             raise GGUFError(f"{path}: inconsistent metadata: {k_key}={kv} != {v_key}={vv}")
     ffn = _per_layer(get("feed_forward_length"), n, "feed_forward_length", path)
     shared = int(get("attention.shared_kv_layers", 0))
     if not 0 <= shared < n:
-        raise GGUFError(f"{path}: inconsistent metadata: attention.shared_kv_layers={shared} "
-                        f"with block_count={n}")
+        raise GGUFError(
+            f"{path}: inconsistent metadata: attention.shared_kv_layers={shared} "
+            f"with block_count={n}"
+        )
     head_dim = tuple(dh_s if s else dh_g for s in sliding)
     for i, kv in enumerate(n_kv):
         if kv <= 0 or h % kv:
-            raise GGUFError(f"{path}: inconsistent metadata: layer {i} has {kv} kv heads, "
-                            f"which does not divide {h} query heads")
+            raise GGUFError(
+                f"{path}: inconsistent metadata: layer {i} has {kv} kv heads, "
+                f"which does not divide {h} query heads"
+            )
 
     def has(name: str) -> bool:
         return name in tensor_names
@@ -252,16 +287,27 @@ def config_from_gguf(fields: Mapping[str, Any], tensor_names: set[str], path: st
     moe = tuple(has(f"blk.{i}.ffn_gate_inp.weight") for i in range(n))
     n_experts = int(get("expert_count", 0))
     if any(moe) and n_experts <= 0:
-        raise GGUFError(f"{path}: inconsistent metadata: router tensors present but "
-                        f"{ARCH}.expert_count is missing")
+        raise GGUFError(
+            f"{path}: inconsistent metadata: router tensors present but "
+            f"{ARCH}.expert_count is missing"
+        )
     softcap = get("final_logit_softcapping", None)
     if vocab_size is None:
         vocab_size = len(fields.get("tokenizer.ggml.tokens", ()))
     return Gemma4Config(
-        n_layers=n, d_model=d, n_heads=h, vocab_size=int(vocab_size),
+        n_layers=n,
+        d_model=d,
+        n_heads=h,
+        vocab_size=int(vocab_size),
         context_length=int(get("context_length")),
-        sliding=sliding, n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=ffn, k_eq_v=k_eq_v, moe=moe,
-        window=int(get("attention.sliding_window")), shared_kv_layers=shared,
+        sliding=sliding,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        ffn_dim=ffn,
+        k_eq_v=k_eq_v,
+        moe=moe,
+        window=int(get("attention.sliding_window")),
+        shared_kv_layers=shared,
         rope_base_sliding=float(get("rope.freq_base_swa", 10_000.0)),
         rope_base_global=float(get("rope.freq_base", 1_000_000.0)),
         rope_dims_sliding=int(get("rope.dimension_count_swa", dh_s)),
@@ -277,8 +323,9 @@ def config_from_gguf(fields: Mapping[str, Any], tensor_names: set[str], path: st
     )
 
 
-def rope_inv_freq(config: Gemma4Config, sliding: bool,
-                  freq_factors: np.ndarray | None = None) -> np.ndarray:
+def rope_inv_freq(
+    config: Gemma4Config, sliding: bool, freq_factors: np.ndarray | None = None
+) -> np.ndarray:
     """Inverse frequencies [head_dim/2] (float32), zero for pairs that do not rotate.
 
     Global layers use proportional RoPE: the exponent's denominator is the FULL head dim, and
@@ -295,13 +342,15 @@ def rope_inv_freq(config: Gemma4Config, sliding: bool,
     if not sliding and freq_factors is not None:
         ff = np.asarray(freq_factors, dtype=np.float32).reshape(-1)
         if ff.shape[0] != dh // 2:
-            raise GGUFError(f"inconsistent metadata: rope_freqs has {ff.shape[0]} entries, "
-                            f"expected head_dim/2 = {dh // 2}")
+            raise GGUFError(
+                f"inconsistent metadata: rope_freqs has {ff.shape[0]} entries, "
+                f"expected head_dim/2 = {dh // 2}"
+            )
         # 1e30 marks a pair that does not rotate: make it exactly 0 like HF's proportional
         # RoPE instead of relying on a 1e-36 frequency.
         inv = np.where(ff >= 1e20, np.float32(0.0), inv / ff).astype(np.float32)
     else:
-        inv[rot_dims // 2:] = 0.0
+        inv[rot_dims // 2 :] = 0.0
     return inv
 
 
@@ -327,5 +376,3 @@ def param_count_hint(config: Gemma4Config) -> int:
         if s.moe:
             total += c.n_experts * 3 * c.d_model * c.expert_ffn_dim
     return int(total)
-
-

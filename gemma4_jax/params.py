@@ -34,8 +34,9 @@ def layer_decls(c: Gemma4Config, s: LayerSpec) -> dict[str, TensorDecl]:
         return TensorDecl(f"blk.{{i}}.{name}.weight", shape, axes)
 
     def v(name, n, axis="embed", suffix="weight", optional=False):
-        return TensorDecl(f"blk.{{i}}.{name}.{suffix}", (n,), (axis,), matrix=False,
-                          optional=optional)
+        return TensorDecl(
+            f"blk.{{i}}.{name}.{suffix}", (n,), (axis,), matrix=False, optional=optional
+        )
 
     out = {
         "attn_norm": v("attn_norm", d),
@@ -57,23 +58,29 @@ def layer_decls(c: Gemma4Config, s: LayerSpec) -> dict[str, TensorDecl]:
             out["attn_v"] = m("attn_v", (kv * dh, d), ("kv_heads", "embed"))
     if s.moe:
         e, fe = c.n_experts, c.expert_ffn_dim
-        out.update({
-            "router": m("ffn_gate_inp", (e, d), (None, "embed")),
-            "router_scale": v("ffn_gate_inp", d, suffix="scale"),
-            "experts_gate_up": m("ffn_gate_up_exps", (e, 2 * fe, d), ("experts", "mlp", "embed")),
-            "experts_down": m("ffn_down_exps", (e, d, fe), ("experts", "embed", "mlp")),
-            "expert_scale": v("ffn_down_exps", e, "experts", suffix="scale"),
-            "pre_ffw_norm_2": v("pre_ffw_norm_2", d),
-            "post_ffw_norm_1": v("post_ffw_norm_1", d),
-            "post_ffw_norm_2": v("post_ffw_norm_2", d),
-        })
+        out.update(
+            {
+                "router": m("ffn_gate_inp", (e, d), (None, "embed")),
+                "router_scale": v("ffn_gate_inp", d, suffix="scale"),
+                "experts_gate_up": m(
+                    "ffn_gate_up_exps", (e, 2 * fe, d), ("experts", "mlp", "embed")
+                ),
+                "experts_down": m("ffn_down_exps", (e, d, fe), ("experts", "embed", "mlp")),
+                "expert_scale": v("ffn_down_exps", e, "experts", suffix="scale"),
+                "pre_ffw_norm_2": v("pre_ffw_norm_2", d),
+                "post_ffw_norm_1": v("post_ffw_norm_1", d),
+                "post_ffw_norm_2": v("post_ffw_norm_2", d),
+            }
+        )
     if c.ple_dim:
         p = c.ple_dim
-        out.update({
-            "ple_gate": m("inp_gate", (p, d), (None, "embed")),
-            "ple_proj": m("proj", (d, p), ("embed", None)),
-            "ple_post_norm": v("post_norm", d),
-        })
+        out.update(
+            {
+                "ple_gate": m("inp_gate", (p, d), (None, "embed")),
+                "ple_proj": m("proj", (d, p), ("embed", None)),
+                "ple_post_norm": v("post_norm", d),
+            }
+        )
     return out
 
 
@@ -89,8 +96,9 @@ def global_decls(c: Gemma4Config) -> dict[str, TensorDecl]:
         lp = c.ple_dim * c.n_layers
         out["ple_embed"] = TensorDecl("per_layer_token_embd.weight", (v, lp), ("vocab", None))
         out["ple_model_proj"] = TensorDecl("per_layer_model_proj.weight", (lp, d), (None, "embed"))
-        out["ple_proj_norm"] = TensorDecl("per_layer_proj_norm.weight", (c.ple_dim,), (None,),
-                                          matrix=False)
+        out["ple_proj_norm"] = TensorDecl(
+            "per_layer_proj_norm.weight", (c.ple_dim,), (None,), matrix=False
+        )
     return out
 
 

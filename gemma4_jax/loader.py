@@ -1,0 +1,247 @@
+"""GGUF -> `Model` (config + params pytree + tokenizer).
+
+Reads with `gguf.GGUFReader` (memory-mapped), fills the declaration in `params.py`, and checks
+every tensor's presence, shape and type against it. Quantized tensors stay in their block
+format (repacked into field arrays, see docs/LAYOUT.md) so the device holds ~1 byte per weight
+for Q8_0 instead of 2 for bf16. Every problem becomes a `GGUFError` naming the file.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import quant
+from .config import Gemma4Config, config_from_gguf, rope_inv_freq
+from .errors import GGUFError
+from .params import Params, TensorDecl, global_decls, segment_layer_decls
+
+_DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What `load` returns. `params` alone is enough for `forward`/`generate`."""
+
+    path: Path
+    params: Params
+    tokenizer: Any  # gemma4_jax.tokenizer.Tokenizer, or None if the file has no vocabulary
+    metadata: dict[str, Any]
+    tensor_types: dict[str, int]  # ggml type name -> count of tensors
+
+    @property
+    def config(self) -> Gemma4Config:
+        return self.params.config
+
+
+def _open(path: Path):
+    import gguf
+
+    if not path.exists():
+        raise GGUFError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # gguf raises ValueError / IndexError / struct errors on bad data
+        raise GGUFError(f"{path}: unreadable or truncated GGUF ({type(e).__name__}: {e})") from e
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise GGUFError(
+                f"{path}: truncated: tensor {t.name!r} ends at byte {end} but the "
+                f"file has {size} bytes"
+            )
+    return reader
+
+
+def _fields(reader) -> dict[str, Any]:
+    out = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            out[name] = field.contents()
+        except Exception:  # an odd field we do not need should not stop the load
+            continue
+    return out
+
+
+def _numpy_shape(t) -> tuple[int, ...]:
+    return tuple(int(x) for x in reversed(t.shape.tolist()))
+
+
+def _type_name(t) -> str:
+    return t.tensor_type.name
+
+
+class _TensorSource:
+    """Name -> (checked) tensor access on one reader."""
+
+    def __init__(self, path: Path, reader, dtype: str):
+        self.path, self.dtype = path, dtype
+        self.tensors = {t.name: t for t in reader.tensors}
+        self.types = collections.Counter(_type_name(t) for t in reader.tensors)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str, decl: TensorDecl):
+        import gguf
+
+        t = self.tensors.get(name)
+        if t is None:
+            raise GGUFError(f"{self.path}: missing tensor {name!r}")
+        shape = _numpy_shape(t)
+        if shape != decl.shape:
+            raise GGUFError(
+                f"{self.path}: tensor {name!r} has shape {shape}, expected "
+                f"{decl.shape} from the metadata"
+            )
+        if not decl.matrix:
+            try:
+                arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            except NotImplementedError as e:
+                raise GGUFError(
+                    f"{self.path}: tensor {name!r} has unsupported type {_type_name(t)}"
+                ) from e
+            return np.asarray(arr, np.float32).reshape(shape)
+        try:
+            w = quant.from_gguf(t.data, t.tensor_type, shape)
+        except quant.UnsupportedTensorType as e:
+            raise GGUFError(f"{self.path}: tensor {name!r}: {e}") from e
+        if self.dtype == "bfloat16" and isinstance(w, quant.F32):
+            # f32 matrices would double the bytes a bf16 matmul reads; the values round once.
+            w = quant.BF16(w=np.asarray(w.w).astype(jnp.bfloat16))
+        return w
+
+
+def _load_layer_tensor(src: _TensorSource, layer: int, name: str, decl: TensorDecl):
+    gname = decl.gguf_name.format(i=layer)
+    if name == "experts_gate_up" and not src.has(gname):
+        # Older converters write gate and up experts separately; fuse them (gate first).
+        e, two_f, d = decl.shape
+        half = TensorDecl(gname, (e, two_f // 2, d), decl.axes)
+        gate = src.get(f"blk.{layer}.ffn_gate_exps.weight", half)
+        up = src.get(f"blk.{layer}.ffn_up_exps.weight", half)
+        return jax.tree.map(lambda a, b: np.concatenate([a, b], axis=-2), gate, up)
+    if decl.optional and not src.has(gname):
+        return np.ones(decl.shape, np.float32)
+    return src.get(gname, decl)
+
+
+def load(
+    path: str | os.PathLike, *, dtype: str = "float32", progress: bool = False, mesh=None
+) -> Model:
+    """Load a Gemma 4 GGUF file.
+
+    dtype: compute dtype, "float32" or "bfloat16". Quantized tensors stay quantized either way.
+    mesh: an optional `jax.sharding.Mesh` with axes ("data", "model"): tensors are placed
+    straight onto their shards (see `gemma4_jax.sharding`).
+    """
+    path = Path(path)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(set(_DTYPES))}")
+    dtype = _DTYPES[dtype]
+    reader = _open(path)
+    fields = _fields(reader)
+    src = _TensorSource(path, reader, dtype)
+    embd = src.tensors.get("token_embd.weight")
+    if embd is None:
+        arch = fields.get("general.architecture")
+        if arch != "gemma4":
+            raise GGUFError(
+                f"{path}: architecture is {arch!r}, expected 'gemma4' (a Gemma 4 text model)"
+            )
+        raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
+    config = config_from_gguf(fields, set(src.tensors), str(path), vocab_size=_numpy_shape(embd)[0])
+
+    todo = list(global_decls(config).items())
+    seg_decls = segment_layer_decls(config)
+    n_layer_tensors = sum(seg.n_periods * len(d) for seg, slots in seg_decls for _, d in slots)
+    bar = _progress(len(todo) + n_layer_tensors, progress, path.name)
+
+    globals_ = {}
+    for name, decl in todo:
+        globals_[name] = src.get(decl.gguf_name, decl)
+        bar.update(1)
+
+    seg_params = []
+    for seg, slots in seg_decls:
+        slot_params = []
+        for slot, (_, decls) in enumerate(slots):
+            stacked = {}
+            for name, decl in decls.items():
+                per_period = []
+                for period in range(seg.n_periods):
+                    layer = seg.layer_index(period, slot)
+                    per_period.append(_load_layer_tensor(src, layer, name, decl))
+                    bar.update(1)
+                stacked[name] = quant.stack(per_period) if decl.matrix else np.stack(per_period)
+            slot_params.append(stacked)
+        seg_params.append(tuple(slot_params))
+    bar.close()
+
+    freq_factors = None
+    if config.has_rope_freqs:
+        rf = src.tensors["rope_freqs.weight"]
+        freq_factors = np.asarray(rf.data, np.float32)
+    rope = {
+        "sliding": rope_inv_freq(config, True),
+        "global": rope_inv_freq(config, False, freq_factors),
+    }
+    params = Params(
+        globals=globals_, segments=tuple(seg_params), rope=rope, config=config, dtype=dtype
+    )
+    params = place(params, mesh)
+
+    tokenizer = None
+    if "tokenizer.ggml.tokens" in fields:
+        from .tokenizer import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_gguf_fields(fields)
+        except GGUFError as e:
+            raise GGUFError(f"{path}: {e}") from e
+    meta = {k: v for k, v in fields.items() if not k.startswith("tokenizer.ggml.")}
+    return Model(
+        path=path, params=params, tokenizer=tokenizer, metadata=meta, tensor_types=dict(src.types)
+    )
+
+
+def place(params: Params, mesh=None) -> Params:
+    """Move numpy leaves to the device(s); with a mesh, each leaf straight onto its shards."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, params)
+    from .sharding import shard_params
+
+    return shard_params(params, mesh)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=f"loading {desc}", unit="tensor", leave=False)
+        except ImportError:
+            pass
+
+    class _Null:
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()

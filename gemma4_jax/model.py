@@ -1,0 +1,414 @@
+"""Gemma 4 as pure functions over `Params`.
+
+One layer function serves every family member: per-layer questions (sliding? own K/V? K=V?
+MoE? PLE?) are asked of the static `LayerSpec`, never of names. Layers run under `lax.scan`
+over segments of identical periods (config.segments); the few layers of a period are unrolled
+inside the scan body.
+
+Two ways to run the attention of a layer:
+- "sequence": queries and keys are the same chunk of tokens (full-sequence `forward`, and
+  the non-shared layers of `prefill`), flash attention over the chunk's own K/V;
+- "cache": one query per row against a KV cache (decode; and the KV-shared layers of prefill,
+  which only need the last prompt position: their queries elsewhere feed nothing).
+
+Einsum letters: B batch, T query positions, S key positions, D model width, H query heads,
+K kv heads, d head dim, F FFN width, E experts, k experts chosen, V vocab, L layers, P PLE width.
+The layer math follows transformers' modeling_gemma4.py; shared/docs/gemma4.md numbers steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import ops
+from .config import Gemma4Config, LayerSpec, locate, segments
+from .params import Params
+
+# ---------------------------------------------------------------------------- small pieces
+
+
+def rms_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
+    """Gemma 4 RMSNorm: x * rsqrt(mean(x^2) + eps) * w, in float32 (no `1 + w`)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if w is not None:
+        y = y * w.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _embed_rows(w, tokens: jax.Array, dtype) -> jax.Array:
+    """Rows of a (possibly quantized) [V, N] table for `tokens` -> [..., N]."""
+    return w.take_rows(tokens).dequantize(dtype)
+
+
+def embed(params: Params, tokens: jax.Array):
+    """Token embeddings h[B,T,D] and per-layer inputs ple[B,T,L,P] (None without PLE)."""
+    c, dt = params.config, params.compute_dtype
+    g = params.globals
+    # The reference multiplies by sqrt(D) rounded to the weight dtype (50.5 for E4B in bf16).
+    h = _embed_rows(g["embed"], tokens, dt) * jnp.asarray(math.sqrt(c.d_model), dt)
+    if not c.ple_dim:
+        return h, None
+    lead = tokens.shape
+    tok = _embed_rows(g["ple_embed"], tokens, dt) * jnp.asarray(math.sqrt(c.ple_dim), dt)
+    tok = tok.reshape(*lead, c.n_layers, c.ple_dim)
+    ctx = ops.matmul(h, g["ple_model_proj"]) * jnp.asarray(c.d_model**-0.5, dt)
+    ctx = rms_norm(ctx.reshape(*lead, c.n_layers, c.ple_dim), g["ple_proj_norm"], c.rms_eps)
+    ple = (ctx + tok) * jnp.asarray(2**-0.5, dt)
+    return h, ple
+
+
+def lm_head(params: Params, h: jax.Array) -> jax.Array:
+    """Final norm, tied (or separate) output projection, soft-cap. Returns float32 logits."""
+    c, g = params.config, params.globals
+    x = rms_norm(h, g["output_norm"], c.rms_eps)
+    logits = ops.matmul(x, g.get("lm_head", g["embed"])).astype(jnp.float32)
+    if c.final_softcap:
+        logits = c.final_softcap * jnp.tanh(logits / c.final_softcap)
+    return logits
+
+
+def _mlp(p: dict, x: jax.Array, gate: str, up: str, down: str) -> jax.Array:
+    return ops.matmul(gelu(ops.matmul(x, p[gate])) * ops.matmul(x, p[up]), p[down])
+
+
+def _moe(c: Gemma4Config, p: dict, h: jax.Array) -> jax.Array:
+    """Routed experts branch: router softmax in f32, top-k, renormalise, per-expert scale."""
+    lead, d = h.shape[:-1], h.shape[-1]
+    hf = h.reshape(-1, d)
+    r = rms_norm(hf, None, c.rms_eps) * (p["router_scale"] * c.d_model**-0.5).astype(h.dtype)
+    probs = jax.nn.softmax(ops.matmul(r, p["router"]).astype(jnp.float32), axis=-1)  # [T, E]
+    top_p, top_i = jax.lax.top_k(probs, c.n_experts_used)  # [T, k]
+    top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+    top_p = top_p * p["expert_scale"][top_i]
+    z = rms_norm(hf, p["pre_ffw_norm_2"], c.rms_eps)
+    gu = ops.expert_matmul(z, p["experts_gate_up"], top_i)  # [T, k, 2F]
+    gate, up = jnp.split(gu, 2, axis=-1)
+    act = gelu(gate) * up  # [T, k, F]
+    # Down-project each choice, then mix with the routing weights.
+    y = ops.expert_matmul(act, p["experts_down"], top_i)  # [T, k, D]
+    y = jnp.einsum("tkD,tk->tD", y.astype(jnp.float32), top_p).astype(h.dtype)
+    return rms_norm(y.reshape(*lead, d), p["post_ffw_norm_2"], c.rms_eps)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def _project_qkv(c: Gemma4Config, s: LayerSpec, p: dict, x, positions, inv_freq):
+    """q[B,T,H,d] and, for layers with their own cache, k/v[B,T,K,d], normed and roped."""
+    b, t, _ = x.shape
+    q = ops.matmul(x, p["attn_q"]).reshape(b, t, c.n_heads, s.head_dim)
+    k = v = None
+    if s.has_kv:
+        k = ops.matmul(x, p["attn_k"]).reshape(b, t, s.n_kv_heads, s.head_dim)
+        # K=V layers: V is the raw K projection, normalised without weight and not rotated.
+        v = k if s.k_eq_v else ops.matmul(x, p["attn_v"]).reshape(b, t, s.n_kv_heads, s.head_dim)
+    return ops.qk_norm_rope(
+        q, k, v, p["attn_q_norm"], p.get("attn_k_norm"), positions, inv_freq, eps=c.rms_eps
+    )
+
+
+def _cache_slot(pos: jax.Array, size: int, ring: bool) -> jax.Array:
+    return pos % size if ring else pos
+
+
+def write_cache(
+    kc: jax.Array,
+    vc: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pos: jax.Array,
+    ring: bool,
+    period: jax.Array | int = 0,
+):
+    """Write one token per row: k/v[B,K,d] into stacked caches [n,B,S,K,d] at [period, row, slot].
+
+    A scatter of B tokens into the loop-carried cache, which XLA updates in place.
+    """
+    b = kc.shape[1]
+    slot = _cache_slot(pos, kc.shape[2], ring)
+    rows = jnp.arange(b)
+    return (
+        kc.at[period, rows, slot].set(k.astype(kc.dtype)),
+        vc.at[period, rows, slot].set(v.astype(vc.dtype)),
+    )
+
+
+def fill_cache(k: jax.Array, v: jax.Array, lengths: jax.Array, size: int, ring: bool):
+    """Cache [B,size,K,d] holding a prompt's k/v[B,T,K,d] (rows valid up to `lengths`).
+
+    Global caches take positions 0..T-1 as they are. A sliding ring of `size` slots keeps, in
+    slot s, the latest valid position p < length with p % size == s: a gather, so prompts
+    longer than the window (and right-padded rows of a ragged batch) land correctly.
+    """
+    b, t = k.shape[:2]
+    if not ring:
+        if t >= size:
+            return k[:, :size], v[:, :size]
+        pad = ((0, 0), (0, size - t), (0, 0), (0, 0))
+        return jnp.pad(k, pad), jnp.pad(v, pad)
+    s = jnp.arange(size)[None, :]  # [1, S]
+    last = lengths[:, None] - 1  # [B, 1]
+    src = s + size * jnp.floor_divide(last - s, size)  # latest p <= last with p % size == s
+    src = jnp.clip(src, 0, t - 1)  # slots never written (p < 0) are masked by decode attention
+    take = lambda a: jnp.take_along_axis(a, src[:, :, None, None], axis=1)
+    return take(k), take(v)
+
+
+# ---------------------------------------------------------------------------- one layer
+
+
+def layer(
+    c: Gemma4Config,
+    s: LayerSpec,
+    p: dict,
+    h: jax.Array,
+    ple: jax.Array | None,
+    inv_freq: jax.Array,
+    ctx: dict[str, Any],
+):
+    """One decoder layer. Returns (h, kv) where kv is this layer's new (k, v) or None.
+
+    ctx["mode"] == "sequence": h[B,T,D] at positions 0..T-1; ctx["donor_seq"] maps donor layer ->
+    (k, v) over the same chunk. ctx["mode"] == "cache": h[B,1,D] at ctx["pos"][B];
+    ctx["cache"] = (k, v, period): the segment's stacked caches [n,B,S,K,d] and this layer's
+    period (own K/V layers write the new token there first and return the updated stacks);
+    ctx["donor_cache"] maps donor layer -> (k, v) cache [B,S,K,d].
+    """
+    eps = c.rms_eps
+    b, t, _ = h.shape
+    with jax.named_scope(f"attn_{'sliding' if s.sliding else 'global'}"):
+        x = rms_norm(h, p["attn_norm"], eps)
+        if ctx["mode"] == "sequence":
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        else:
+            positions = ctx["pos"][:, None]
+        q, k, v = _project_qkv(c, s, p, x, positions, inv_freq)
+        window = c.window if s.sliding else None
+        if ctx["mode"] == "sequence":
+            kv = (k, v) if s.has_kv else ctx["donor_seq"][s.kv_donor]
+            a = ops.flash_attention(q, kv[0], kv[1], jnp.zeros((b,), jnp.int32), window=window)
+            new = (k, v) if s.has_kv else None
+        else:
+            if s.has_kv:
+                kfull, vfull, period = ctx["cache"]
+                kfull, vfull = write_cache(
+                    kfull, vfull, k[:, 0], v[:, 0], ctx["pos"], s.sliding, period
+                )
+                new = (kfull, vfull)
+                kc, vc = kfull[period], vfull[period]
+            else:
+                kc, vc = ctx["donor_cache"][s.kv_donor]
+                new = None
+            a = ops.decode_attention(q[:, 0], kc, vc, ctx["pos"], ring=s.sliding)[:, None]
+        a = ops.matmul(a.reshape(b, t, c.n_heads * s.head_dim), p["attn_output"])
+        h = h + rms_norm(a, p["post_attention_norm"], eps)
+
+    with jax.named_scope("moe" if s.moe else "mlp"):
+        y = rms_norm(h, p["ffn_norm"], eps)
+        y = _mlp(p, y, "ffn_gate", "ffn_up", "ffn_down")
+        if s.moe:
+            y = rms_norm(y, p["post_ffw_norm_1"], eps) + _moe(c, p, h)
+        h = h + rms_norm(y, p["post_ffw_norm"], eps)
+
+    if ple is not None:
+        with jax.named_scope("ple"):
+            g = gelu(ops.matmul(h, p["ple_gate"])) * ple
+            h = h + rms_norm(ops.matmul(g, p["ple_proj"]), p["ple_post_norm"], eps)
+    h = h * p["layer_output_scale"].astype(h.dtype)
+    return h, new
+
+
+# ---------------------------------------------------------------------------- the trunk
+
+
+def _segment_ple(c: Gemma4Config, seg, ple: jax.Array | None):
+    """ple[B,T,L,P] -> [n_periods, period, B, T, P] for the scan's xs (None without PLE)."""
+    if ple is None:
+        return None
+    x = ple[:, :, seg.start : seg.stop]  # [B, T, n*p, P]
+    b, t = x.shape[:2]
+    x = x.reshape(b, t, seg.n_periods, seg.period, c.ple_dim)
+    return jnp.transpose(x, (2, 3, 0, 1, 4))
+
+
+def _inv_freq(params: Params, s: LayerSpec):
+    return params.rope["sliding" if s.sliding else "global"]
+
+
+def run_sequence(params: Params, h: jax.Array, ple, *, seg_ids, cache_size=None, lengths=None):
+    """Run segments `seg_ids` in sequence mode.
+
+    Returns (h, donor_seq, caches): donor_seq maps each donor layer to its chunk (k, v) (needed by
+    later KV-shared segments in `forward`); with `cache_size` set, caches[seg] is the segment's
+    filled KV cache (per slot {"k","v"} stacked over periods, None for slots without K/V).
+    """
+    c = params.config
+    segs = segments(c)
+    donors = {s.kv_donor for s in _all_specs(c) if not s.has_kv}
+    donor_seq: dict[int, tuple] = {}
+    caches: dict[int, tuple] = {}
+    for si in seg_ids:
+        seg = segs[si]
+        sp = params.segments[si]
+        # Which slots must emit their chunk K/V: donors (for forward), or everything (prefill).
+        emit = tuple(
+            s.has_kv
+            and (
+                cache_size is not None
+                or any(seg.layer_index(pi, j) in donors for pi in range(seg.n_periods))
+            )
+            for j, s in enumerate(seg.slots)
+        )
+
+        def body(h, xs, seg=seg, emit=emit):
+            lp, lple = xs
+            outs = []
+            for j, s in enumerate(seg.slots):
+                ctx = {"mode": "sequence", "donor_seq": donor_seq}
+                h, kv = layer(
+                    c, s, lp[j], h, None if lple is None else lple[j], _inv_freq(params, s), ctx
+                )
+                if not emit[j]:
+                    outs.append(None)
+                elif cache_size is None:
+                    outs.append(kv)
+                else:
+                    size = min(c.window, cache_size) if s.sliding else cache_size
+                    kc, vc = fill_cache(kv[0], kv[1], lengths, size, s.sliding)
+                    outs.append({"k": kc, "v": vc})
+            return h, tuple(outs)
+
+        h, ys = jax.lax.scan(body, h, (sp, _segment_ple(c, seg, ple)))
+        if cache_size is not None:
+            caches[si] = ys
+        for j, s in enumerate(seg.slots):
+            if not emit[j] or cache_size is not None:
+                continue
+            for pi in range(seg.n_periods):
+                li = seg.layer_index(pi, j)
+                if li in donors:
+                    donor_seq[li] = (ys[j][0][pi], ys[j][1][pi])
+    return h, donor_seq, caches
+
+
+def run_cached(
+    params: Params, h: jax.Array, ple, pos: jax.Array, cache: tuple, *, seg_ids, write: bool = True
+):
+    """Run segments `seg_ids` in cache mode on one token per row at positions pos[B].
+
+    `cache` is the full per-segment cache tuple; own-K/V segments write the new token (when
+    `write`); KV-shared ones read their donors' caches. Returns (h, new cache tuple).
+    """
+    c = params.config
+    segs = segments(c)
+    cache = list(cache)
+    for si in seg_ids:
+        seg = segs[si]
+        sp = params.segments[si]
+        donor_cache = _donor_caches(c, seg, cache)
+
+        def body(carry, xs, seg=seg, donor_cache=donor_cache):
+            h, seg_cache = carry
+            lp, lple, period = xs
+            new_slots = list(seg_cache)
+            for j, s in enumerate(seg.slots):
+                ctx = {"mode": "cache", "pos": pos, "donor_cache": donor_cache}
+                if s.has_kv:
+                    ctx["cache"] = (new_slots[j]["k"], new_slots[j]["v"], period)
+                h, kv = layer(
+                    c, s, lp[j], h, None if lple is None else lple[j], _inv_freq(params, s), ctx
+                )
+                if s.has_kv and write:
+                    new_slots[j] = {"k": kv[0], "v": kv[1]}
+            return (h, tuple(new_slots)), None
+
+        seg_cache = cache[si] if cache[si] is not None else tuple(None for _ in seg.slots)
+        xs = (sp, _segment_ple(c, seg, ple), jnp.arange(seg.n_periods))
+        (h, seg_cache), _ = jax.lax.scan(body, (h, seg_cache), xs)
+        if seg.has_kv:
+            cache[si] = seg_cache
+    return h, tuple(cache)
+
+
+def _donor_caches(c: Gemma4Config, seg, cache) -> dict[int, tuple]:
+    out = {}
+    for s in seg.slots:
+        if s.has_kv:
+            continue
+        si, period, slot = locate(c, s.kv_donor)
+        d = cache[si][slot]
+        out[s.kv_donor] = (d["k"][period], d["v"][period])
+    return out
+
+
+def _all_specs(c: Gemma4Config):
+    from .config import layer_plan
+
+    return layer_plan(c)
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+def forward_impl(params: Params, tokens: jax.Array, *, return_hidden: bool = False):
+    h, ple = embed(params, tokens)
+    h, _, _ = run_sequence(params, h, ple, seg_ids=range(len(params.segments)))
+    if return_hidden:
+        return h
+    return lm_head(params, h)
+
+
+def _check_tokens(params: Params, tokens) -> jax.Array:
+    from .errors import InputError
+
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise InputError(
+            f"tokens must be an int array [batch, time], got {tokens.dtype} {tokens.shape}"
+        )
+    if tokens.shape[1] == 0:
+        raise InputError("tokens must hold at least one position")
+    if not isinstance(tokens, jax.core.Tracer):
+        lo, hi = int(tokens.min()), int(tokens.max())
+        v = params.config.vocab_size
+        if lo < 0 or hi >= v:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {v})")
+    if tokens.shape[1] > params.config.context_length:
+        raise InputError(
+            f"sequence of {tokens.shape[1]} tokens is longer than the model's "
+            f"context ({params.config.context_length})"
+        )
+    return tokens.astype(jnp.int32)
+
+
+_forward_jit = jax.jit(
+    lambda params, tokens, kernels, return_hidden: _with_kernels(
+        kernels, forward_impl, params, tokens, return_hidden=return_hidden
+    ),
+    static_argnames=("kernels", "return_hidden"),
+)
+
+
+def _with_kernels(kernels: str, fn, *args, **kwargs):
+    with ops.use_kernels(kernels):
+        return fn(*args, **kwargs)
+
+
+def forward(params: Params, tokens, *, return_hidden: bool = False) -> jax.Array:
+    """Full-sequence scoring: int tokens [B, T] -> float32 logits [B, T, V].
+
+    Every position attends causally to the ones before it (sliding layers to their window);
+    no cache is kept. `return_hidden=True` returns the final hidden states [B, T, D] instead.
+    """
+    tokens = _check_tokens(params, tokens)
+    return _forward_jit(params, tokens, ops.kernel_mode(), return_hidden)
