@@ -1,0 +1,297 @@
+"""Prefill attention (flash attention forward) for Gemma 4, Pallas GPU (Triton lowering).
+
+Contract (docs/LAYOUT.md): ``q[B,T,H,D]``, ``k, v[B,S,Hk,D]``, ``q_start[B]``. Query ``t`` of
+row ``b`` sits at position ``q_start[b] + t``, key ``s`` at position ``s``; key ``s`` is visible
+to a query at ``p`` iff ``s <= p`` and (``window is None`` or ``p - s < window``). Query head
+``h`` uses kv head ``h // (H // Hk)``. Softmax in float32; output dtype = ``q.dtype``.
+
+What is notable here:
+- One program = one block of query tokens of one batch row and ONE kv head. The ``G = H // Hk``
+  query heads of that kv head are stacked into the rows of the matmul (``M = block_q * G``), so
+  every K/V tile is read once per group, not once per query head.
+- Key-block loop bounds come from the block's positions: a sliding layer never visits a key
+  block that lies wholly outside ``[p - window + 1, p]`` of every row in the block, and the
+  causal upper bound stops at the block's last position. Blocks that every row sees in full
+  run in a separate loop without any mask arithmetic; only the (at most two) edge ranges pay
+  for masks.
+- Ragged ``T`` and ``S`` need no padding copies: partial tiles use masked loads/stores (a
+  masked lane is never read on the GPU), and keys past the last visible one are zeroed at load
+  so garbage (even NaN) in an unwritten cache tail cannot leak into the output.
+- A query row with no visible key at all (only possible with ``q_start`` past ``S`` plus a
+  window) returns zeros, in the kernel and the reference alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+
+__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference"]
+
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+    """Tile sizes; ``None`` picks the heuristic for the call's shapes (see ``resolve``).
+
+    Attributes:
+      block_q: query TOKENS per program; the matmul has ``block_q * G`` rows (G = H // Hk).
+      block_k: keys per inner-loop step.
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth of the key loop.
+    """
+
+    block_q: int | None = None
+    block_k: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def resolve(self, *, seq_q: int, seq_k: int, group: int, head_dim: int) -> BlockSizes:
+        # Targets (untuned guesses for H100, to be swept by benchmarks/bench_attention.py):
+        # the f32 accumulator [M, D] must fit in registers, and K+V tiles x num_stages in
+        # shared memory (228 KiB).
+        rows = 128 if head_dim <= 128 else 64
+        min_q = max(1, -(-16 // group))  # Triton dots need M >= 16
+        block_q = self.block_q
+        if block_q is None:
+            block_q = max(min(rows // group, _compat.next_pow2(seq_q)), min_q)
+        block_k = self.block_k
+        if block_k is None:
+            block_k = 64 if head_dim <= 256 else 32
+            block_k = max(16, min(block_k, _compat.next_pow2(seq_k)))
+        num_warps = self.num_warps or (4 if head_dim <= 64 else 8)
+        num_stages = self.num_stages or 2
+        return BlockSizes(block_q, block_k, num_warps, num_stages)
+
+
+def _flash_kernel(
+    q_start_ref,  # [] int32: position of query token 0 of this batch row
+    q_ref,  # [block_q, G, D]: this block's query tokens, the G heads of this kv head
+    k_ref,  # [S, D]: all keys of this (batch row, kv head)
+    v_ref,  # [S, D]
+    o_ref,  # [block_q, G, D]
+    *,
+    block_q: int,
+    block_k: int,
+    group: int,
+    seq_q: int,
+    seq_k: int,
+    window: int | None,
+    qk_scale: float,
+    precision,
+):
+    bq, bk, g = block_q, block_k, group
+    d = q_ref.shape[-1]
+    rows = bq * g
+    # Heavier (later) query blocks first: the launch order evens out the causal triangle.
+    i = pl.num_programs(0) - 1 - pl.program_id(0)
+    t0 = i * bq
+
+    row_ok = (t0 + jnp.arange(bq, dtype=jnp.int32)) < seq_q  # [bq]
+    q = _compat.load(q_ref, mask=row_ok[:, None, None], other=0)  # [bq, G, D]
+    q = q.reshape(rows, d)  # row r = token r // G, head r % G
+    p_lo = q_start_ref[()] + t0  # position of the block's first token
+    p_hi = p_lo + jnp.minimum(bq, seq_q - t0) - 1  # ... and of its last real token
+    pos = p_lo + jnp.arange(bq, dtype=jnp.int32)  # [bq]
+    pos = jnp.broadcast_to(pos[:, None], (bq, g)).reshape(rows)  # [M]
+
+    # Key-block ranges. Keys any row may see: [key_lo, key_hi]; keys every real row sees:
+    # [full_lo_key, full_hi_key]. Blocks wholly inside the latter need no mask.
+    key_hi = jnp.minimum(p_hi, seq_k - 1)
+    n_hi = lax.div(jnp.maximum(key_hi + 1, 0) + (bk - 1), bk)  # exclusive block bound
+    full_hi_key = jnp.minimum(p_lo, seq_k - 1)
+    full_hi = lax.div(jnp.maximum(full_hi_key + 1, 0), bk)  # blocks wholly <= full_hi_key
+    if window is None:
+        kb_lo = jnp.int32(0)
+        full_lo = jnp.int32(0)
+    else:
+        kb_lo = lax.div(jnp.maximum(p_lo - window + 1, 0), bk)
+        full_lo = lax.div(jnp.maximum(p_hi - window + 1, 0) + (bk - 1), bk)
+    kb_lo = jnp.minimum(kb_lo, n_hi)
+    full_lo = jnp.clip(full_lo, kb_lo, n_hi)
+    full_hi = jnp.clip(full_hi, full_lo, n_hi)
+
+    def step(kb, carry, *, masked: bool):
+        acc, m_i, l_i = carry  # [M, D] f32, [M] f32, [M] f32
+        s0 = kb * bk
+        cols = s0 + jnp.arange(bk, dtype=jnp.int32)  # [bk]
+        if masked:
+            col_ok = cols <= key_hi  # in bounds and not past every row's position
+            k = _compat.load(k_ref.at[pl.ds(s0, bk)], mask=col_ok[:, None], other=0)  # [bk, D]
+            v = _compat.load(v_ref.at[pl.ds(s0, bk)], mask=col_ok[:, None], other=0)  # [bk, D]
+        else:
+            k = k_ref[pl.ds(s0, bk), :]  # [bk, D]
+            v = v_ref[pl.ds(s0, bk), :]  # [bk, D]
+        s = lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )  # [M, bk]
+        s = s * qk_scale  # log2 domain: exp2(s) == exp(scale * q.k)
+        if masked:
+            vis = (cols[None, :] <= pos[:, None]) & col_ok[None, :]  # [M, bk]
+            if window is not None:
+                vis = vis & ((pos[:, None] - cols[None, :]) < window)
+            s = jnp.where(vis, s, _compat.MASK_VALUE)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))  # [M]
+        alpha = jnp.exp2(m_i - m_new)  # [M]
+        p = jnp.exp2(s - m_new[:, None])  # [M, bk]
+        if masked:
+            p = jnp.where(vis, p, 0.0)
+        l_new = alpha * l_i + jnp.sum(p, axis=1)
+        pv = jnp.dot(
+            p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32
+        )  # [M, D]
+        return acc * alpha[:, None] + pv, m_new, l_new
+
+    carry = (
+        jnp.zeros((rows, d), jnp.float32),
+        jnp.full((rows,), _compat.MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    carry = lax.fori_loop(kb_lo, full_lo, functools.partial(step, masked=True), carry)
+    if bk <= seq_k:  # otherwise no block lies wholly inside [0, S) and the loop is empty
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+    acc, _, l_i = lax.fori_loop(full_hi, n_hi, functools.partial(step, masked=True), carry)
+
+    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key returns 0
+    o = (acc / l_safe[:, None]).reshape(bq, g, d)
+    _compat.store(o_ref, o.astype(o_ref.dtype), mask=row_ok[:, None, None])
+
+
+def _validate(q, k, v, q_start, window, scale, block_sizes):
+    if q.ndim != 4:
+        raise ValueError(f"{q.shape=} must be [B, T, H, D]")
+    if k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"{k.shape=} and {v.shape=} must be equal and [B, S, Hk, D]")
+    batch, _, heads, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"{k.shape=} must match {q.shape=} in batch and head dim")
+    kv_heads = k.shape[2]
+    if heads % kv_heads != 0:
+        raise ValueError(f"{heads=} must be a multiple of {kv_heads=}")
+    if not _compat.is_pow2(heads // kv_heads):
+        raise ValueError(f"{heads // kv_heads=} (the GQA group) must be a power of two")
+    if head_dim < 16 or not _compat.is_pow2(head_dim):
+        raise ValueError(f"{head_dim=} must be a power of two >= 16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{q.dtype=}, {k.dtype=}, {v.dtype=} must be equal")
+    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"{q.dtype=} must be float32, bfloat16 or float16")
+    if q_start.shape != (batch,) or not jnp.issubdtype(q_start.dtype, jnp.integer):
+        raise ValueError(f"{q_start.shape=} {q_start.dtype=} must be an integer [B={batch}]")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"{window=} must be None or a positive int")
+    if not isinstance(scale, int | float):
+        raise ValueError(f"{scale=} must be a static Python float")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"{block_sizes=} must be a flash_attention.BlockSizes")
+
+
+@functools.partial(jax.jit, static_argnames=["window", "scale", "interpret", "block_sizes"])
+def flash_attention(
+    q: jax.Array,  # [B, T, H, D]
+    k: jax.Array,  # [B, S, Hk, D]
+    v: jax.Array,  # [B, S, Hk, D]
+    q_start: jax.Array,  # [B] int: position of query token 0 of each row
+    *,
+    window: int | None = None,
+    scale: float = 1.0,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:  # [B, T, H, D], q.dtype
+    """Causal (optionally sliding-window) GQA attention over a prompt; see the module doc."""
+    _validate(q, k, v, q_start, window, scale, block_sizes)
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    bs = (block_sizes or BlockSizes()).resolve(
+        seq_q=seq_q, seq_k=seq_k, group=group, head_dim=head_dim
+    )
+    if not (_compat.is_pow2(bs.block_q) and bs.block_q * group >= 16):
+        raise ValueError(f"{bs.block_q=} must be a power of two with block_q * {group=} >= 16")
+    if not (_compat.is_pow2(bs.block_k) and bs.block_k >= 16):
+        raise ValueError(f"{bs.block_k=} must be a power of two >= 16")
+
+    kernel = functools.partial(
+        _flash_kernel,
+        block_q=bs.block_q,
+        block_k=bs.block_k,
+        group=group,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        window=window,
+        qk_scale=float(scale) * _LOG2E,
+        precision=_compat.dot_precision(q.dtype),
+    )
+    n_q = pl.cdiv(seq_q, bs.block_q)
+
+    def q_map(i, b, h):
+        return (b, n_q - 1 - i, h, 0)  # matches the kernel's reversed block order
+
+    return pl.pallas_call(
+        kernel,
+        grid=(n_q, batch, kv_heads),
+        in_specs=[
+            pl.BlockSpec((None,), lambda i, b, h: (b,)),
+            pl.BlockSpec((None, bs.block_q, group, head_dim), q_map),
+            pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, bs.block_q, group, head_dim), q_map),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name="flash_attention",
+    )(q_start.astype(jnp.int32), q, k, v)
+
+
+@functools.partial(jax.jit, static_argnames=["window", "scale"])
+def flash_attention_reference(
+    q: jax.Array,  # [B, T, H, D]
+    k: jax.Array,  # [B, S, Hk, D]
+    v: jax.Array,  # [B, S, Hk, D]
+    q_start: jax.Array,  # [B] int
+    *,
+    window: int | None = None,
+    scale: float = 1.0,
+) -> jax.Array:  # [B, T, H, D], q.dtype
+    """Plain jnp attention with the same semantics: f32 logits, f32 softmax, f32 P @ V.
+
+    Einsum letters: b batch, t query, s key, k kv head, g query head within the group, d head dim.
+    """
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    prec = lax.Precision.HIGHEST  # bf16 operands are exact in f32; f32 ones must not use TF32
+    qg = q.reshape(batch, seq_q, kv_heads, group, head_dim)
+    logits = jnp.einsum(
+        "btkgd,bskd->bkgts", qg, k, precision=prec, preferred_element_type=jnp.float32
+    )
+    if scale != 1.0:
+        logits = logits * jnp.float32(scale)
+    q_pos = q_start.astype(jnp.int32)[:, None] + jnp.arange(seq_q, dtype=jnp.int32)  # [B, T]
+    k_pos = jnp.arange(seq_k, dtype=jnp.int32)  # [S]
+    vis = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if window is not None:
+        vis = vis & (q_pos[:, :, None] - k_pos[None, None, :] < window)
+    vis = vis[:, None, None]  # [B, 1, 1, T, S]
+    logits = jnp.where(vis, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(vis, jnp.exp(logits - m), 0.0)  # [B, Hk, G, T, S]
+    l = jnp.sum(p, axis=-1)  # [B, Hk, G, T]
+    # Keys no query of the row can see are zeroed so garbage there cannot reach the output.
+    v_live = k_pos[None, :] <= (q_pos[:, -1:])  # [B, S]
+    vf = jnp.where(v_live[:, :, None, None], v.astype(jnp.float32), 0.0)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, vf, precision=prec)
+    l = jnp.transpose(l, (0, 3, 1, 2))[..., None]  # [B, T, Hk, G, 1]
+    o = o / jnp.where(l == 0.0, 1.0, l)
+    return o.reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
