@@ -1,0 +1,280 @@
+"""Decode attention (one query token per row against a KV cache), Pallas GPU (Triton lowering).
+
+Contract (docs/LAYOUT.md): ``q[B,H,D]``, ``k, v[B,S,Hk,D]``, ``pos[B]``; the current token is
+already in the cache. ``ring=False`` (global cache): slot ``s`` holds position ``s``, visible iff
+``s <= pos``. ``ring=True`` (sliding layer, ``S == window``): slot ``s`` holds position
+``pos - ((pos - s) mod S)``, visible iff that position is ``>= 0``.
+
+What is notable here:
+- Both cache kinds reduce to one rule: the visible slots are exactly ``s < n`` with
+  ``n = min(pos + 1, S)``. For the ring, a slot's position is ``>= 0`` iff ``s <= pos`` or the
+  ring has wrapped (``pos >= S - 1``); softmax does not care about slot order, so the ring is
+  read in place (no unroll, no copy) and ``ring`` only changes the reference's wording.
+- The live prefix ``[0, n)`` (not the whole cache) is divided among ``k_splits`` programs per
+  (row, kv head) at run time: each reads only its share, so a 128K global cache at position
+  4K reads 4K slots and still keeps ``k_splits`` programs busy. Splits that get no block (more
+  splits than live blocks) skip their loop entirely and contribute ``l = 0``.
+- Each split writes unnormalised partials (``acc``, running max ``m`` in log2 units, sum ``l``)
+  in f32; a log-sum-exp combine in jnp afterwards is exact.
+- All ``G = H // Hk`` query heads of a kv head share one program (rows of the matmul, padded to
+  16 for the Triton dot), so each cache tile is read once per group.
+- Slots ``>= n`` are masked at load (read as 0, never touched on the GPU), so an unwritten
+  cache tail may hold anything, NaN included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+
+__all__ = ["BlockSizes", "decode_attention", "decode_attention_reference"]
+
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+    """Tile sizes; ``None`` picks the heuristic for the call's shapes (see ``resolve``).
+
+    Attributes:
+      block_k: cache slots per inner-loop step.
+      k_splits: programs per (batch row, kv head) sharing the live prefix of the cache.
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth of the slot loop.
+    """
+
+    block_k: int | None = None
+    k_splits: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def resolve(self, *, batch: int, kv_heads: int, seq_k: int, head_dim: int) -> BlockSizes:
+        # Untuned guesses for H100 (sweep with benchmarks/bench_attention.py): a K+V stage of
+        # 2 * block_k * D bf16 = 64 KiB, and ~2 waves of programs over 132 SMs when the cache
+        # is long enough, capped at 64 splits so the f32 partials stay small next to the
+        # cache bytes they summarise.
+        block_k = self.block_k
+        if block_k is None:
+            block_k = max(16, min(16384 // head_dim, _compat.next_pow2(seq_k)))
+        k_splits = self.k_splits
+        if k_splits is None:
+            want = _compat.next_pow2(max(1, 264 // (batch * kv_heads)))
+            k_splits = max(1, min(want, 64, pl.cdiv(seq_k, block_k)))
+        num_warps = self.num_warps or 4
+        num_stages = self.num_stages or 2
+        return BlockSizes(block_k, k_splits, num_warps, num_stages)
+
+
+def _decode_kernel(
+    n_ref,  # [] int32: visible slots of this row, min(pos + 1, S)
+    q_ref,  # [G, D]: the query heads of this kv head
+    k_ref,  # [S, D]: the whole cache of this (row, kv head), read in place
+    v_ref,  # [S, D]
+    acc_ref,  # [G, D] f32: unnormalised partial output of this split
+    m_ref,  # [G] f32: running max of this split, log2 units (MASK_VALUE if it saw nothing)
+    l_ref,  # [G] f32: running softmax denominator of this split
+    *,
+    block_k: int,
+    k_splits: int,
+    group: int,
+    rows: int,
+    qk_scale: float,
+    precision,
+):
+    bk = block_k
+    d = q_ref.shape[-1]
+    j = pl.program_id(2)
+    n = n_ref[()]
+    # This split's share of the live blocks [0, cdiv(n, bk)): a run-time partition.
+    n_blocks = lax.div(jnp.maximum(n, 0) + (bk - 1), bk)
+    per_split = lax.div(n_blocks + (k_splits - 1), k_splits)
+    kb_lo = jnp.minimum(j * per_split, n_blocks)
+    kb_hi = jnp.minimum(kb_lo + per_split, n_blocks)
+
+    row_ok = jnp.arange(rows, dtype=jnp.int32) < group  # [rows]: pad G up to the dot's 16
+    q = _compat.load(q_ref.at[pl.ds(0, rows)], mask=row_ok[:, None], other=0)  # [rows, D]
+
+    def step(kb, carry):
+        acc, m_i, l_i = carry  # [rows, D] f32, [rows] f32, [rows] f32
+        s0 = kb * bk
+        col_ok = (s0 + jnp.arange(bk, dtype=jnp.int32)) < n  # [bk]
+        k = _compat.load(k_ref.at[pl.ds(s0, bk)], mask=col_ok[:, None], other=0)  # [bk, D]
+        v = _compat.load(v_ref.at[pl.ds(s0, bk)], mask=col_ok[:, None], other=0)  # [bk, D]
+        s = lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )  # [rows, bk]
+        s = jnp.where(col_ok[None, :], s * qk_scale, _compat.MASK_VALUE)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.where(col_ok[None, :], jnp.exp2(s - m_new[:, None]), 0.0)  # [rows, bk]
+        l_new = alpha * l_i + jnp.sum(p, axis=1)
+        pv = jnp.dot(
+            p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32
+        )  # [rows, D]
+        return acc * alpha[:, None] + pv, m_new, l_new
+
+    acc, m_i, l_i = lax.fori_loop(
+        kb_lo,
+        kb_hi,
+        step,
+        (
+            jnp.zeros((rows, d), jnp.float32),
+            jnp.full((rows,), _compat.MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32),
+        ),
+    )
+    _compat.store(acc_ref.at[pl.ds(0, rows)], acc, mask=row_ok[:, None])
+    _compat.store(m_ref.at[pl.ds(0, rows)], m_i, mask=row_ok)
+    _compat.store(l_ref.at[pl.ds(0, rows)], l_i, mask=row_ok)
+
+
+def _validate(q, k, v, pos, ring, scale, block_sizes):
+    if q.ndim != 3:
+        raise ValueError(f"{q.shape=} must be [B, H, D]")
+    if k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"{k.shape=} and {v.shape=} must be equal and [B, S, Hk, D]")
+    batch, heads, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"{k.shape=} must match {q.shape=} in batch and head dim")
+    kv_heads = k.shape[2]
+    if heads % kv_heads != 0:
+        raise ValueError(f"{heads=} must be a multiple of {kv_heads=}")
+    if head_dim < 16 or not _compat.is_pow2(head_dim):
+        raise ValueError(f"{head_dim=} must be a power of two >= 16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{q.dtype=}, {k.dtype=}, {v.dtype=} must be equal")
+    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"{q.dtype=} must be float32, bfloat16 or float16")
+    if pos.shape != (batch,) or not jnp.issubdtype(pos.dtype, jnp.integer):
+        raise ValueError(f"{pos.shape=} {pos.dtype=} must be an integer [B={batch}]")
+    if not isinstance(ring, bool):
+        raise ValueError(f"{ring=} must be a static bool")
+    if not isinstance(scale, int | float):
+        raise ValueError(f"{scale=} must be a static Python float")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"{block_sizes=} must be a decode_attention.BlockSizes")
+
+
+@functools.partial(jax.jit, static_argnames=["ring", "scale", "interpret", "block_sizes"])
+def decode_attention(
+    q: jax.Array,  # [B, H, D]
+    k: jax.Array,  # [B, S, Hk, D]
+    v: jax.Array,  # [B, S, Hk, D]
+    pos: jax.Array,  # [B] int: position of the current (already written) token
+    *,
+    ring: bool,
+    scale: float = 1.0,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:  # [B, H, D], q.dtype
+    """One query token per row against a global or ring KV cache; see the module doc."""
+    _validate(q, k, v, pos, ring, scale, block_sizes)
+    batch, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    bs = (block_sizes or BlockSizes()).resolve(
+        batch=batch, kv_heads=kv_heads, seq_k=seq_k, head_dim=head_dim
+    )
+    if not (_compat.is_pow2(bs.block_k) and bs.block_k >= 16):
+        raise ValueError(f"{bs.block_k=} must be a power of two >= 16")
+    if bs.k_splits < 1:
+        raise ValueError(f"{bs.k_splits=} must be >= 1")
+    rows = max(16, _compat.next_pow2(group))  # Triton dots need M >= 16
+
+    # Ring or not, the visible slots are [0, n): see the module doc.
+    n = jnp.minimum(pos.astype(jnp.int32) + 1, seq_k)  # [B]
+    kernel = functools.partial(
+        _decode_kernel,
+        block_k=bs.block_k,
+        k_splits=bs.k_splits,
+        group=group,
+        rows=rows,
+        qk_scale=float(scale) * _LOG2E,
+        precision=_compat.dot_precision(q.dtype),
+    )
+    part = (batch, bs.k_splits, heads)
+    acc, m, l = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, bs.k_splits),
+        in_specs=[
+            pl.BlockSpec((None,), lambda b, h, j: (b,)),
+            pl.BlockSpec((None, group, head_dim), lambda b, h, j: (b, h, 0)),
+            pl.BlockSpec((None, seq_k, None, head_dim), lambda b, h, j: (b, 0, h, 0)),
+            pl.BlockSpec((None, seq_k, None, head_dim), lambda b, h, j: (b, 0, h, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, group, head_dim), lambda b, h, j: (b, j, h, 0)),
+            pl.BlockSpec((None, None, group), lambda b, h, j: (b, j, h)),
+            pl.BlockSpec((None, None, group), lambda b, h, j: (b, j, h)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct(part, jnp.float32),
+            jax.ShapeDtypeStruct(part, jnp.float32),
+        ],
+        compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(n, q, k, v)
+
+    # Exact log-sum-exp combine of the splits (log2 units, as the kernel keeps them).
+    m_max = jnp.max(m, axis=1, keepdims=True)  # [B, 1, H]
+    # Upstream's decode kernel (jax ops/gpu/decode_attention.py, b/389925439) needs this barrier
+    # to keep XLA from producing NaNs in the fused combine after compilation; it costs nothing.
+    m_max = lax.optimization_barrier(m_max)
+    w = jnp.exp2(m - m_max)  # [B, k_splits, H]; 0 for splits that saw nothing
+    l_tot = jnp.sum(w * l, axis=1)  # [B, H]
+    o = jnp.sum(w[..., None] * acc, axis=1)  # [B, H, D]
+    o = o / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+    return o.astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=["ring", "scale"])
+def decode_attention_reference(
+    q: jax.Array,  # [B, H, D]
+    k: jax.Array,  # [B, S, Hk, D]
+    v: jax.Array,  # [B, S, Hk, D]
+    pos: jax.Array,  # [B] int
+    *,
+    ring: bool,
+    scale: float = 1.0,
+) -> jax.Array:  # [B, H, D], q.dtype
+    """Plain jnp decode attention, slot visibility written as in the contract; f32 softmax.
+
+    Einsum letters: b batch, s cache slot, k kv head, g query head within the group, d head dim.
+    """
+    batch, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    prec = lax.Precision.HIGHEST  # bf16 operands are exact in f32; f32 ones must not use TF32
+    pos = pos.astype(jnp.int32)[:, None]  # [B, 1]
+    slot = jnp.arange(seq_k, dtype=jnp.int32)[None, :]  # [1, S]
+    if ring:
+        vis = pos - jnp.remainder(pos - slot, seq_k) >= 0  # [B, S]
+    else:
+        vis = slot <= pos  # [B, S]
+    qg = q.reshape(batch, kv_heads, group, head_dim)
+    logits = jnp.einsum(
+        "bkgd,bskd->bkgs", qg, k, precision=prec, preferred_element_type=jnp.float32
+    )
+    if scale != 1.0:
+        logits = logits * jnp.float32(scale)
+    vis4 = vis[:, None, None, :]  # [B, 1, 1, S]
+    logits = jnp.where(vis4, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(vis4, jnp.exp(logits - m), 0.0)  # [B, Hk, G, S]
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    # Invisible slots may hold anything (an unwritten tail): zero them before P @ V.
+    vf = jnp.where(vis[:, :, None, None], v.astype(jnp.float32), 0.0)
+    o = jnp.einsum("bkgs,bskd->bkgd", p, vf, precision=prec)
+    o = o / jnp.where(l == 0.0, 1.0, l)
+    return o.reshape(batch, heads, head_dim).astype(q.dtype)
