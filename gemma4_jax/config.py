@@ -56,6 +56,9 @@ class Gemma4Config:
     expert_ffn_dim: int = 0
     tied_embeddings: bool = True
     has_rope_freqs: bool = False  # global-layer frequency divisors shipped as a tensor
+    # generation stops here by default: EOS, plus `<turn|>` (end of a chat turn) when present
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0
 
     def __post_init__(self):
         for name in ("sliding", "n_kv_heads", "head_dim", "ffn_dim", "k_eq_v", "moe"):
@@ -292,8 +295,14 @@ def config_from_gguf(
             f"{ARCH}.expert_count is missing"
         )
     softcap = get("final_logit_softcapping", None)
+    tokens = fields.get("tokenizer.ggml.tokens") or ()
     if vocab_size is None:
-        vocab_size = len(fields.get("tokenizer.ggml.tokens", ()))
+        vocab_size = len(tokens)
+    stop_ids = []
+    if "tokenizer.ggml.eos_token_id" in fields:
+        stop_ids.append(int(fields["tokenizer.ggml.eos_token_id"]))
+    if "<turn|>" in tokens:
+        stop_ids.append(list(tokens).index("<turn|>"))
     return Gemma4Config(
         n_layers=n,
         d_model=d,
@@ -320,6 +329,8 @@ def config_from_gguf(
         expert_ffn_dim=int(get("expert_feed_forward_length", 0)) if any(moe) else 0,
         tied_embeddings=not has("output.weight"),
         has_rope_freqs=has("rope_freqs.weight"),
+        stop_ids=tuple(dict.fromkeys(stop_ids)),
+        pad_id=int(fields.get("tokenizer.ggml.padding_token_id", 0)),
     )
 
 

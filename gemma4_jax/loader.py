@@ -120,9 +120,6 @@ class _TensorSource:
             w = quant.from_gguf(t.data, t.tensor_type, shape)
         except quant.UnsupportedTensorType as e:
             raise GGUFError(f"{self.path}: tensor {name!r}: {e}") from e
-        if self.dtype == "bfloat16" and isinstance(w, quant.F32):
-            # f32 matrices would double the bytes a bf16 matmul reads; the values round once.
-            w = quant.BF16(w=np.asarray(w.w).astype(jnp.bfloat16))
         return w
 
 

@@ -15,3 +15,29 @@ def fixtures_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"GGUF fixtures not found at {path} (set GEMMA4_JAX_FIXTURES)")
     return path
+
+
+MODEL_FIXTURES = ("e4b_tiny", "e2b_tiny", "dense_tiny", "moe_tiny")
+QUANT_FILES = ("BF16", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
+
+_MODELS: dict = {}
+
+
+def load_fixture(fixtures_dir: Path, name: str, file: str = "model.gguf", dtype="float32"):
+    """Load (once per session) a fixture model; returns (Model, reference npz)."""
+    import numpy as np
+
+    from gemma4_jax import load
+
+    key = (name, file, dtype)
+    if key not in _MODELS:
+        ref_name = (
+            "reference.npz"
+            if file == "model.gguf"
+            else file.replace("model-", "reference-").replace(".gguf", ".npz")
+        )
+        _MODELS[key] = (
+            load(fixtures_dir / name / file, dtype=dtype),
+            np.load(fixtures_dir / name / ref_name),
+        )
+    return _MODELS[key]

@@ -1,0 +1,438 @@
+"""Generation: KV cache, bucketed prefill, one-program decode loop, `generate`.
+
+- The cache is a pytree stacked per scan segment like the params: sliding layers keep a ring
+  of `window` slots (memory independent of the context), global layers `max_len` slots,
+  KV-shared layers none. It is donated under jit on accelerators.
+- `prefill` pads prompts (right-padded, per-row lengths) to a length bucket, so a new prompt
+  length compiles only when it crosses into a new bucket. KV-shared layers run on the last
+  position only.
+- The decode loop is one jitted `lax.while_loop` over a state pytree (tokens, logprobs, cache,
+  positions, key, done flags): N new tokens cost one dispatch. Streaming runs the same program
+  in chunks.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import ops
+from .config import Gemma4Config, segments
+from .errors import InputError
+from .model import embed, lm_head, run_cached, run_sequence
+from .params import Params
+from .sampling import Greedy, chosen_logprobs
+
+# Counts of traces (= compilations) per program, for tests and benchmarks.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def cache_spec(config: Gemma4Config, batch: int, max_len: int, dtype) -> tuple:
+    """Shapes of the KV cache: per segment a tuple over slots of {"k","v"} (None if shared)."""
+    out = []
+    for seg in segments(config):
+        if not seg.has_kv:
+            out.append(None)
+            continue
+        slots = []
+        for s in seg.slots:
+            size = min(config.window, max_len) if s.sliding else max_len
+            shape = (seg.n_periods, batch, size, s.n_kv_heads, s.head_dim)
+            slots.append(
+                {"k": jax.ShapeDtypeStruct(shape, dtype), "v": jax.ShapeDtypeStruct(shape, dtype)}
+            )
+        out.append(tuple(slots))
+    return tuple(out)
+
+
+def init_cache(params: Params, batch: int, max_len: int) -> tuple:
+    """An empty cache for `batch` rows and up to `max_len` positions."""
+    spec = cache_spec(params.config, batch, max_len, params.compute_dtype)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+
+
+def cache_max_len(params: Params, cache) -> int:
+    """Global slot count of a cache (its max_len)."""
+    for seg, sc in zip(segments(params.config), cache, strict=True):
+        if sc is None:
+            continue
+        for s, slot in zip(seg.slots, sc, strict=True):
+            if not s.sliding:
+                return slot["k"].shape[2]
+    # a model without global layers keeps only rings
+    return params.config.context_length
+
+
+# ---------------------------------------------------------------------------- programs
+
+
+def _prefill_impl(params: Params, tokens, lengths, cache):
+    TRACE_COUNTS["prefill"] += 1
+    c = params.config
+    segs = segments(c)
+    max_len = cache_max_len(params, cache)
+    h, ple = embed(params, tokens)
+    own = [i for i, s in enumerate(segs) if s.has_kv]
+    shared = [i for i, s in enumerate(segs) if not s.has_kv]
+    h, _, filled = run_sequence(params, h, ple, seg_ids=own, cache_size=max_len, lengths=lengths)
+    new_cache = tuple(filled.get(i, cache[i]) for i in range(len(segs)))
+    last = lengths - 1
+    h = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B, 1, D]
+    if ple is not None:
+        ple = jnp.take_along_axis(ple, last[:, None, None, None], axis=1)
+    # KV-shared layers write nothing and only the last position's output is used: run them on
+    # that position alone, as a decode step against their donors' fresh caches.
+    h, _ = run_cached(params, h, ple, last, new_cache, seg_ids=shared, write=False)
+    return lm_head(params, h)[:, 0], new_cache
+
+
+def _decode_impl(params: Params, token, cache, pos):
+    TRACE_COUNTS["decode_step"] += 1
+    h, ple = embed(params, token[:, None])
+    h, cache = run_cached(params, h, ple, pos, cache, seg_ids=range(len(params.segments)))
+    return lm_head(params, h)[:, 0], cache
+
+
+def _donate() -> bool:
+    # CPU cannot reuse donated buffers and warns on every call; donate where it helps.
+    return jax.default_backend() != "cpu"
+
+
+def _jit(fn, static=(), donate=()):
+    return jax.jit(fn, static_argnames=static, donate_argnames=donate if _donate() else ())
+
+
+def _with_kernels(kernels, fn, *args):
+    with ops.use_kernels(kernels):
+        return fn(*args)
+
+
+_PROGRAMS: dict[str, Any] = {}
+
+
+def _program(name: str):
+    """Jitted programs, built on first use (the donation choice needs the backend)."""
+    if name not in _PROGRAMS:
+        if name == "prefill":
+            f = lambda params, tokens, lengths, cache, kernels: _with_kernels(
+                kernels, _prefill_impl, params, tokens, lengths, cache
+            )
+            _PROGRAMS[name] = _jit(f, static=("kernels",), donate=("cache",))
+        elif name == "decode_step":
+            f = lambda params, token, cache, pos, kernels: _with_kernels(
+                kernels, _decode_impl, params, token, cache, pos
+            )
+            _PROGRAMS[name] = _jit(f, static=("kernels",), donate=("cache",))
+        elif name == "decode_loop":
+            _PROGRAMS[name] = _jit(
+                _decode_loop_entry, static=("kernels", "sampler", "n_steps"), donate=("state",)
+            )
+    return _PROGRAMS[name]
+
+
+def prefill(params: Params, tokens, cache, lengths=None):
+    """Run prompts through the model, filling `cache`. Returns (last logits [B, V], cache).
+
+    tokens: int [B, T] (right-padded; `lengths[B]` gives each row's prompt length, default T).
+    Compiled once per (T, batch, cache shape): pad T to a bucket (see `bucket_length`).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, t = tokens.shape
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    if t > cache_max_len(params, cache):
+        raise InputError(
+            f"prompt block of {t} positions does not fit a cache of "
+            f"{cache_max_len(params, cache)} positions"
+        )
+    return _program("prefill")(params, tokens, lengths, cache, kernels=ops.kernel_mode())
+
+
+def decode_step(params: Params, token, cache, pos):
+    """One token per row at positions pos[B]: returns (logits [B, V], updated cache)."""
+    token = jnp.asarray(token, jnp.int32)
+    pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), token.shape)
+    return _program("decode_step")(params, token, cache, pos, kernels=ops.kernel_mode())
+
+
+# ---------------------------------------------------------------------------- decode loop
+
+
+def _decode_loop_entry(params, state, stop_ids, kernels, sampler, n_steps):
+    TRACE_COUNTS["decode_loop"] += 1
+    with ops.use_kernels(kernels):
+        return _decode_loop(params, state, stop_ids, sampler, n_steps)
+
+
+def _decode_loop(params: Params, state: dict, stop_ids, sampler, n_steps: int):
+    """Up to `n_steps` sample-then-decode iterations as one `lax.while_loop`.
+
+    state: logits[B,V] (of the next token), tokens/logprobs [B, N] outputs, n[B] tokens
+    emitted per row, step (scalar), cache, pos[B] (position of the next token), key, done[B],
+    limit (scalar: total new tokens allowed).
+    """
+    end = state["step"] + n_steps
+
+    def cond(st):
+        return (st["step"] < end) & (st["step"] < st["limit"]) & ~jnp.all(st["done"])
+
+    def body(st):
+        key, sub = jax.random.split(st["key"])
+        tok = sampler(st["logits"], sub).astype(jnp.int32)
+        lp = chosen_logprobs(st["logits"], tok)
+        live = ~st["done"]
+        tok = jnp.where(live, tok, params.config.pad_id)
+        i = st["step"]
+        tokens = st["tokens"].at[:, i].set(tok)
+        logprobs = st["logprobs"].at[:, i].set(jnp.where(live, lp, 0.0))
+        hit = jnp.any(tok[:, None] == stop_ids[None, :], axis=1) & live
+        n = st["n"] + live.astype(jnp.int32)
+        logits, cache = _decode_impl(params, tok, st["cache"], st["pos"])
+        return dict(
+            st,
+            logits=logits,
+            tokens=tokens,
+            logprobs=logprobs,
+            n=n,
+            step=i + 1,
+            cache=cache,
+            pos=st["pos"] + 1,
+            key=key,
+            done=st["done"] | hit,
+            stopped=st["stopped"] | hit,
+        )
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """Per row: the new token ids, their log-probabilities and why generation ended.
+
+    `stop_reason[i]` is "stop" (a stop token was produced; it is the last entry of
+    `tokens[i]`) or "length" (max_new_tokens reached). `logprobs` are log-softmax values of the
+    model's (unfiltered, temperature 1) distribution at the chosen tokens.
+    """
+
+    tokens: list[np.ndarray]
+    logprobs: list[np.ndarray]
+    stop_reason: list[str]
+    prompt_lengths: list[int]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def default_buckets(max_len: int, minimum: int = 64) -> tuple[int, ...]:
+    """Powers of two from `minimum` up to (and including) max_len."""
+    out, b = [], minimum
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    out.append(max_len)
+    return tuple(out)
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    raise InputError(
+        f"prompt of {n} tokens is longer than the largest prefill bucket ({max(buckets)})"
+    )
+
+
+def _as_rows(params: Params, tokens) -> list[np.ndarray]:
+    if isinstance(tokens, (np.ndarray, jax.Array)):
+        arr = np.asarray(tokens)
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2:
+            raise InputError(
+                f"tokens must be [batch, time] or a list of prompts, got shape {arr.shape}"
+            )
+        rows = list(arr)
+    else:
+        rows = [np.asarray(r) for r in tokens]
+        if rows and all(r.ndim == 0 for r in rows):  # a single flat list of ids
+            rows = [np.asarray(tokens)]
+    if not rows:
+        raise InputError("no prompts given")
+    v = params.config.vocab_size
+    for i, r in enumerate(rows):
+        if r.ndim != 1 or r.size == 0:
+            raise InputError(f"prompt {i} is empty or not a flat list of token ids")
+        if not np.issubdtype(r.dtype, np.integer):
+            raise InputError(f"prompt {i} holds {r.dtype} values, expected integer token ids")
+        if r.min() < 0 or r.max() >= v:
+            bad = int(r.min()) if r.min() < 0 else int(r.max())
+            raise InputError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {v})")
+    return [r.astype(np.int32) for r in rows]
+
+
+def _default_max_len(config: Gemma4Config, need: int) -> int:
+    m = 256
+    while m < need:
+        m *= 2
+    return min(m, config.context_length)
+
+
+def _prepare(params, tokens, max_new_tokens, max_len, buckets, stop_tokens):
+    c = params.config
+    rows = _as_rows(params, tokens)
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    longest = max(len(r) for r in rows)
+    need = longest + max_new_tokens
+    if need > c.context_length:
+        raise InputError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{need} exceeds the model's context of {c.context_length} tokens"
+        )
+    max_len = _default_max_len(c, need) if max_len is None else int(max_len)
+    if need > max_len:
+        raise InputError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{need} exceeds max_len={max_len}"
+        )
+    if max_len > c.context_length:
+        raise InputError(f"max_len={max_len} exceeds the model's context ({c.context_length})")
+    buckets = (
+        default_buckets(max_len)
+        if buckets is None
+        else tuple(b for b in buckets if b <= max_len) + (max_len,)
+    )
+    t = bucket_length(longest, buckets)
+    padded = np.full((len(rows), t), c.pad_id, np.int32)
+    for i, r in enumerate(rows):
+        padded[i, : len(r)] = r
+    lengths = np.array([len(r) for r in rows], np.int32)
+    stops = c.stop_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
+    for s in stops:
+        if not 0 <= s < c.vocab_size:
+            raise InputError(f"stop token {s} is outside the vocabulary [0, {c.vocab_size})")
+    return padded, lengths, max_len, stops
+
+
+def generate_stream(
+    params: Params,
+    tokens,
+    *,
+    max_new_tokens: int = 128,
+    sampler=None,
+    key=None,
+    stop_tokens=None,
+    max_len: int | None = None,
+    buckets: Sequence[int] | None = None,
+    chunk: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Like `generate`, yielding after every `chunk` decode steps (one device program each).
+
+    Each item: {"tokens": np.ndarray [B, k] the new tokens of this chunk (pad for finished
+    rows), "done": np.ndarray [B], "state": final state after the last chunk}.
+    """
+    import time
+
+    sampler = Greedy() if sampler is None else sampler
+    key = jax.random.PRNGKey(0) if key is None else key
+    padded, lengths, max_len, stops = _prepare(
+        params, tokens, max_new_tokens, max_len, buckets, stop_tokens
+    )
+    b = padded.shape[0]
+    chunk = max_new_tokens if chunk is None else max(1, int(chunk))
+    t0 = time.perf_counter()
+    cache = init_cache(params, b, max_len)
+    logits, cache = prefill(params, padded, cache, lengths)
+    logits.block_until_ready()
+    t_prefill = time.perf_counter() - t0
+    stop_arr = jnp.asarray(stops if stops else (-1,), jnp.int32)
+    state = dict(
+        logits=logits,
+        tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
+        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+        n=jnp.zeros((b,), jnp.int32),
+        step=jnp.int32(0),
+        cache=cache,
+        pos=jnp.asarray(lengths),
+        key=key,
+        done=jnp.zeros((b,), bool),
+        stopped=jnp.zeros((b,), bool),
+        limit=jnp.int32(max_new_tokens),
+    )
+    loop = _program("decode_loop")
+    kernels = ops.kernel_mode()
+    seen = 0
+    while True:
+        state = loop(params, state, stop_arr, kernels=kernels, sampler=sampler, n_steps=chunk)
+        step = int(state["step"])
+        new = np.asarray(state["tokens"][:, seen:step])
+        seen = step
+        finished = step >= max_new_tokens or bool(np.all(np.asarray(state["done"])))
+        timings = {"prefill_s": t_prefill, "elapsed_s": time.perf_counter() - t0}
+        yield {
+            "tokens": new,
+            "done": np.asarray(state["done"]),
+            "state": state,
+            "finished": finished,
+            "lengths": lengths,
+            "timings": timings,
+        }
+        if finished:
+            return
+
+
+def generate(
+    params: Params,
+    tokens,
+    *,
+    max_new_tokens: int = 128,
+    sampler=None,
+    key=None,
+    stop_tokens=None,
+    max_len: int | None = None,
+    buckets: Sequence[int] | None = None,
+) -> GenerationResult:
+    """Generate continuations of one prompt or a batch of (ragged) prompts.
+
+    tokens: int [B, T] array, one flat list of ids, or a list of prompts of different lengths.
+    sampler: a `gemma4_jax.sampling` sampler (default greedy); key: `jax.random` key.
+    stop_tokens: None = EOS and `<turn|>` when the vocabulary has them; a list of ids; () never
+    stops early. max_len: cache length (default: smallest power of two >= prompt + new tokens,
+    at least 256). buckets: prefill length buckets (default powers of two from 64).
+    The whole generation after prefill is ONE device program (`lax.while_loop`).
+    """
+    item = None
+    for item in generate_stream(
+        params,
+        tokens,
+        max_new_tokens=max_new_tokens,
+        sampler=sampler,
+        key=key,
+        stop_tokens=stop_tokens,
+        max_len=max_len,
+        buckets=buckets,
+        chunk=None,
+    ):
+        pass
+    state, lengths = item["state"], item["lengths"]
+    n = np.asarray(state["n"])
+    toks = np.asarray(state["tokens"])
+    lps = np.asarray(state["logprobs"])
+    stopped = np.asarray(state["stopped"])
+    timings = dict(item["timings"], generated_tokens=int(n.sum()))
+    return GenerationResult(
+        tokens=[toks[i, : n[i]] for i in range(len(n))],
+        logprobs=[lps[i, : n[i]] for i in range(len(n))],
+        stop_reason=["stop" if s else "length" for s in stopped],
+        prompt_lengths=[int(x) for x in lengths],
+        timings=timings,
+    )
