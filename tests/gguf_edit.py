@@ -45,7 +45,7 @@ def rewrite(
         if ttype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             w.add_tensor(t.name, data.reshape(list(reversed(ne))), raw_dtype=ttype)
         else:
-            w.add_tensor(t.name, data, raw_shape=list(reversed(ne)), raw_dtype=ttype)
+            w.add_tensor(t.name, data, raw_dtype=ttype)  # data: [rows, bytes per row]
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,0 +1,111 @@
+"""Every load problem is a GGUFError naming the file and the problem (files made here)."""
+
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+from gguf_edit import rewrite
+
+import gemma4_jax as g4
+
+SRC = "dense_tiny/model.gguf"
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("hello, I am not a model")
+    with pytest.raises(g4.GGUFError, match="not a GGUF") as e:
+        g4.load(bad)
+    assert str(bad) in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(g4.GGUFError, match="no such file"):
+        g4.load(tmp_path / "nope.gguf")
+
+
+def test_truncated(fixtures_dir, tmp_path):
+    src = fixtures_dir / SRC
+    cut = tmp_path / "cut.gguf"
+    data = src.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(g4.GGUFError, match="truncated") as e:
+        g4.load(cut)
+    assert "cut.gguf" in str(e.value)
+    head = tmp_path / "head.gguf"
+    head.write_bytes(data[:100])  # cut inside the metadata
+    with pytest.raises(g4.GGUFError, match="truncated|unreadable"):
+        g4.load(head)
+
+
+def test_wrong_architecture(fixtures_dir, tmp_path):
+    out = rewrite(fixtures_dir / SRC, tmp_path / "llama.gguf", arch="llama")
+    with pytest.raises(g4.GGUFError, match="architecture is 'llama'"):
+        g4.load(out)
+
+
+def test_unsupported_tensor_type(fixtures_dir, tmp_path):
+    def to_q4_1(name, data, ttype, ne):
+        if name == "blk.0.attn_q.weight":
+            n_blocks = int(np.prod(ne)) // 32
+            raw = np.random.default_rng(0).integers(0, 255, (ne[1], ne[0] // 32 * 20), np.uint8)
+            assert raw.size == n_blocks * 20
+            return raw, gguf.GGMLQuantizationType.Q4_1, ne
+        return data, ttype, ne
+
+    out = rewrite(fixtures_dir / SRC, tmp_path / "q41.gguf", edit_tensor=to_q4_1)
+    with pytest.raises(g4.GGUFError, match="Q4_1") as e:
+        g4.load(out)
+    msg = str(e.value)
+    assert "blk.0.attn_q.weight" in msg and "Q8_0" in msg and "Q4_K" in msg  # lists supported
+
+
+def test_missing_tensor(fixtures_dir, tmp_path):
+    out = rewrite(fixtures_dir / SRC, tmp_path / "drop.gguf", drop_tensors={"blk.3.ffn_up.weight"})
+    with pytest.raises(g4.GGUFError, match="missing tensor 'blk.3.ffn_up.weight'"):
+        g4.load(out)
+
+
+def test_wrong_shape(fixtures_dir, tmp_path):
+    def shrink(name, data, ttype, ne):
+        if name == "blk.2.ffn_gate.weight":
+            ne = [ne[0], ne[1] // 2]
+            return data.reshape(-1)[: ne[0] * ne[1]], ttype, ne
+        return data, ttype, ne
+
+    out = rewrite(fixtures_dir / SRC, tmp_path / "shape.gguf", edit_tensor=shrink)
+    with pytest.raises(g4.GGUFError, match="blk.2.ffn_gate.weight.*shape"):
+        g4.load(out)
+
+
+def test_inconsistent_metadata(fixtures_dir, tmp_path):
+    f = gguf.GGUFValueType
+    out = rewrite(
+        fixtures_dir / SRC,
+        tmp_path / "meta.gguf",
+        edit_fields={"gemma4.attention.sliding_window_pattern": ([True] * 5, f.ARRAY, f.BOOL)},
+    )
+    with pytest.raises(g4.GGUFError, match="inconsistent metadata.*sliding_window_pattern"):
+        g4.load(out)
+    out = rewrite(
+        fixtures_dir / SRC, tmp_path / "meta2.gguf", drop_fields={"gemma4.attention.head_count"}
+    )
+    with pytest.raises(g4.GGUFError, match="head_count"):
+        g4.load(out)
+    out = rewrite(
+        fixtures_dir / SRC,
+        tmp_path / "meta3.gguf",
+        edit_fields={"gemma4.attention.head_count_kv": (3, f.UINT32, None)},
+    )
+    with pytest.raises(g4.GGUFError, match="kv heads"):
+        g4.load(out)
+
+
+def test_rewrite_roundtrip_loads(fixtures_dir, tmp_path):
+    """The editing helper itself must produce loadable files (else the tests above lie)."""
+    out = rewrite(fixtures_dir / SRC, tmp_path / "same.gguf")
+    model = g4.load(out)
+    assert model.config.n_layers == 12
+    shutil.rmtree(tmp_path)
