@@ -411,7 +411,7 @@ def generate(
     The whole generation after prefill is ONE device program (`lax.while_loop`).
     """
     item = None
-    for item in generate_stream(
+    for chunk_item in generate_stream(
         params,
         tokens,
         max_new_tokens=max_new_tokens,
@@ -422,7 +422,7 @@ def generate(
         buckets=buckets,
         chunk=None,
     ):
-        pass
+        item = chunk_item
     state, lengths = item["state"], item["lengths"]
     n = np.asarray(state["n"])
     toks = np.asarray(state["tokens"])

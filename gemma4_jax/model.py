@@ -308,7 +308,7 @@ def run_sequence(params: Params, h: jax.Array, ple, *, seg_ids, cache_size=None,
         h, ys = jax.lax.scan(body, h, (sp, _segment_ple(c, seg, ple)))
         if cache_size is not None:
             caches[si] = ys
-        for j, s in enumerate(seg.slots):
+        for j in range(seg.period):
             if not emit[j] or cache_size is not None:
                 continue
             for pi in range(seg.n_periods):
