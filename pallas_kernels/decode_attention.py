@@ -56,14 +56,16 @@ class BlockSizes:
     num_warps: int | None = None
     num_stages: int | None = None
 
-    def resolve(self, *, batch: int, kv_heads: int, seq_k: int, head_dim: int) -> BlockSizes:
-        # Untuned guesses for H100 (sweep with benchmarks/bench_attention.py): a K+V stage of
-        # 2 * block_k * D bf16 = 64 KiB, and ~2 waves of programs over 132 SMs when the cache
+    def resolve(
+        self, *, batch: int, kv_heads: int, seq_k: int, head_dim: int, itemsize: int
+    ) -> BlockSizes:
+        # Untuned guesses for H100 (sweep with benchmarks/bench_attention.py): K and V tiles of
+        # 32 KiB each per pipeline stage, and ~2 waves of programs over 132 SMs when the cache
         # is long enough, capped at 64 splits so the f32 partials stay small next to the
         # cache bytes they summarise.
         block_k = self.block_k
         if block_k is None:
-            block_k = max(16, min(16384 // head_dim, _compat.next_pow2(seq_k)))
+            block_k = max(16, min(32768 // (head_dim * itemsize), _compat.next_pow2(seq_k)))
         k_splits = self.k_splits
         if k_splits is None:
             want = _compat.next_pow2(max(1, 264 // (batch * kv_heads)))
@@ -181,7 +183,7 @@ def decode_attention(
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     bs = (block_sizes or BlockSizes()).resolve(
-        batch=batch, kv_heads=kv_heads, seq_k=seq_k, head_dim=head_dim
+        batch=batch, kv_heads=kv_heads, seq_k=seq_k, head_dim=head_dim, itemsize=q.dtype.itemsize
     )
     if not (_compat.is_pow2(bs.block_k) and bs.block_k >= 16):
         raise ValueError(f"{bs.block_k=} must be a power of two >= 16")

@@ -55,19 +55,20 @@ class BlockSizes:
     num_warps: int | None = None
     num_stages: int | None = None
 
-    def resolve(self, *, seq_q: int, seq_k: int, group: int, head_dim: int) -> BlockSizes:
-        # Targets (untuned guesses for H100, to be swept by benchmarks/bench_attention.py):
-        # the f32 accumulator [M, D] must fit in registers, and K+V tiles x num_stages in
-        # shared memory (228 KiB).
-        rows = 128 if head_dim <= 128 else 64
+    def resolve(
+        self, *, seq_q: int, seq_k: int, group: int, head_dim: int, itemsize: int
+    ) -> BlockSizes:
+        # Untuned guesses for H100 (sweep with benchmarks/bench_attention.py): the f32
+        # accumulator [block_q * G, D] must fit in registers, and a K or V tile is kept at
+        # <= 32 KiB so K + V x num_stages fits in shared memory (228 KiB) next to q.
+        rows = 128 if head_dim <= 128 else (32 if head_dim * itemsize >= 2048 else 64)
         min_q = max(1, -(-16 // group))  # Triton dots need M >= 16
         block_q = self.block_q
         if block_q is None:
             block_q = max(min(rows // group, _compat.next_pow2(seq_q)), min_q)
         block_k = self.block_k
         if block_k is None:
-            block_k = 64 if head_dim <= 256 else 32
-            block_k = max(16, min(block_k, _compat.next_pow2(seq_k)))
+            block_k = max(16, min(32768 // (head_dim * itemsize), 64, _compat.next_pow2(seq_k)))
         num_warps = self.num_warps or (4 if head_dim <= 64 else 8)
         num_stages = self.num_stages or 2
         return BlockSizes(block_q, block_k, num_warps, num_stages)
@@ -213,7 +214,7 @@ def flash_attention(
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     bs = (block_sizes or BlockSizes()).resolve(
-        seq_q=seq_q, seq_k=seq_k, group=group, head_dim=head_dim
+        seq_q=seq_q, seq_k=seq_k, group=group, head_dim=head_dim, itemsize=q.dtype.itemsize
     )
     if not (_compat.is_pow2(bs.block_q) and bs.block_q * group >= 16):
         raise ValueError(f"{bs.block_q=} must be a power of two with block_q * {group=} >= 16")

@@ -1,0 +1,632 @@
+"""Attention kernels (flash_attention, decode_attention, qk_norm_rope) against their references.
+
+Each test class runs the Pallas kernel in interpret mode on the CPU over a small sweep; its
+``...Gpu`` twin (marked ``gpu``, skipped without a CUDA device) compiles the same kernels with
+the Triton lowering and sweeps the real sizes (head dims 256/512, GQA 1..8, T up to 1024,
+caches up to 32K). ``TestTritonLowering`` lowers the GPU sweep for an H100 on the CPU, which
+catches unsupported primitives and non-power-of-two tiles without a GPU (Triton's own compile
+to PTX, register and shared-memory limits are only checked by the GPU twins).
+The references themselves are checked against naive float64 numpy loops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention as da
+from pallas_kernels import flash_attention as fa
+from pallas_kernels import qk_norm_rope as nr
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+GPU_MARKS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU (compiled Pallas kernels)"),
+]
+TOL = {  # (rtol, atol) per input dtype
+    jnp.dtype(jnp.float32): (1e-4, 1e-4),
+    jnp.dtype(jnp.bfloat16): (2e-2, 2e-2),
+}
+
+
+def _close(actual, expected, dtype, what=""):
+    assert actual.dtype == expected.dtype == dtype, (actual.dtype, expected.dtype, dtype)
+    rtol, atol = TOL[jnp.dtype(dtype)]
+    a = np.asarray(actual.astype(jnp.float32))
+    e = np.asarray(expected.astype(jnp.float32))
+    assert np.isfinite(a).all(), f"{what}: non-finite kernel output"
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=what)
+
+
+def _normal(key, shape, dtype, scale=1.0):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _rope_inv_freq(head_dim: int, base: float, rotated_pairs: int | None = None) -> jax.Array:
+    """Gemma 4 inv_freq: ``base^(-2i/D)``; proportional RoPE zeroes pairs past ``rotated_pairs``."""
+    i = jnp.arange(head_dim // 2, dtype=jnp.float32)
+    inv = base ** (-2.0 * i / head_dim)
+    if rotated_pairs is not None:
+        inv = jnp.where(i < rotated_pairs, inv, 0.0)
+    return inv
+
+
+# ------------------------------------------------------------------------ flash attention
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashCase:
+    b: int
+    t: int
+    s: int
+    h: int
+    hk: int
+    d: int
+    window: int | None
+    dtype: jnp.dtype
+    q_start: tuple[int, ...]
+    seed: int
+    block: fa.BlockSizes | None = None
+
+    @property
+    def id(self):
+        bq = "" if self.block is None else f"-bq{self.block.block_q}bk{self.block.block_k}"
+        return (
+            f"b{self.b}t{self.t}s{self.s}h{self.h}k{self.hk}d{self.d}w{self.window}"
+            f"-{jnp.dtype(self.dtype).name}-qs{'_'.join(map(str, self.q_start))}{bq}"
+        )
+
+
+F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+B16 = fa.BlockSizes(block_q=16, block_k=16)
+
+FLASH_CPU = [
+    # T, S not multiples of the block; several q and k blocks; global causal.
+    FlashCase(1, 37, 37, 4, 2, 64, None, F32, (0,), 1, B16),
+    # Chunked prefill with ragged starts; window shorter than the sequence; GQA 8.
+    FlashCase(2, 24, 40, 8, 1, 128, 8, BF16, (16, 5), 2, fa.BlockSizes(block_q=2, block_k=16)),
+    # Window longer than the sequence (same as global).
+    FlashCase(1, 50, 50, 4, 1, 64, 100, F32, (0,), 3, B16),
+    # Sliding window spanning several key blocks, GQA 1, default block sizes.
+    FlashCase(1, 70, 70, 2, 2, 64, 16, BF16, (0,), 4),
+    FlashCase(2, 33, 33, 4, 2, 64, 16, F32, (0, 0), 5, B16),
+    # Tiny-model head dim 32.
+    FlashCase(1, 17, 17, 4, 2, 32, 4, F32, (0,), 6),
+    # Real head dims with tiny T.
+    FlashCase(1, 5, 5, 4, 2, 256, 3, F32, (0,), 7),
+    FlashCase(1, 3, 9, 8, 2, 512, None, BF16, (6,), 8),
+]
+
+FLASH_GPU = (
+    [
+        FlashCase(1, t, t, 8, hk, 256, 512, dt, (0,), 100 + i)
+        for i, (t, hk, dt) in enumerate(
+            [(1024, 8, BF16), (1024, 4, BF16), (1024, 2, BF16), (1024, 1, BF16), (1000, 2, F32)]
+        )
+    ]
+    + [
+        FlashCase(1, t, t, 8, hk, 512, None, dt, (0,), 200 + i)
+        for i, (t, hk, dt) in enumerate(
+            [(1024, 8, BF16), (1024, 4, BF16), (1024, 2, BF16), (1024, 1, BF16), (777, 2, F32)]
+        )
+    ]
+    + [
+        # Ragged chunked prefill into a longer cache, window shorter than the chunk.
+        FlashCase(2, 300, 900, 8, 2, 256, 128, BF16, (600, 17), 300),
+        FlashCase(2, 300, 900, 8, 2, 512, None, BF16, (600, 17), 301),
+        # Tiny-model dims compiled.
+        FlashCase(2, 129, 129, 4, 2, 64, 32, F32, (0, 0), 302),
+        FlashCase(1, 100, 100, 4, 2, 32, None, BF16, (0,), 303),
+    ]
+)
+
+
+def _flash_inputs(c: FlashCase):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(c.seed), 3)
+    q = _normal(kq, (c.b, c.t, c.h, c.d), c.dtype)
+    k = _normal(kk, (c.b, c.s, c.hk, c.d), c.dtype)
+    v = _normal(kv, (c.b, c.s, c.hk, c.d), c.dtype)
+    return q, k, v, jnp.asarray(c.q_start, jnp.int32)
+
+
+class TestFlashAttention:
+    interpret = True
+    cases = FLASH_CPU
+
+    def test_matches_reference(self, flash_case: FlashCase):
+        c = flash_case
+        q, k, v, q_start = _flash_inputs(c)
+        out = fa.flash_attention(
+            q, k, v, q_start, window=c.window, interpret=self.interpret, block_sizes=c.block
+        )
+        ref = fa.flash_attention_reference(q, k, v, q_start, window=c.window)
+        _close(out, ref, c.dtype, c.id)
+
+    def test_scale(self):
+        c = FlashCase(1, 20, 20, 4, 2, 64, 8, F32, (0,), 11)
+        q, k, v, q_start = _flash_inputs(c)
+        out = fa.flash_attention(q, k, v, q_start, window=8, scale=0.125, interpret=self.interpret)
+        ref = fa.flash_attention_reference(q, k, v, q_start, window=8, scale=0.125)
+        _close(out, ref, F32, "scale")
+
+    def test_skips_key_blocks_outside_the_window(self):
+        # One query block at positions 64..79, window 8: keys < 57 are invisible, and the key
+        # blocks wholly below 48 must never be read. Poison them: any read turns into NaN.
+        c = FlashCase(1, 16, 80, 4, 2, 64, 8, F32, (64,), 12, B16)
+        q, k, v, q_start = _flash_inputs(c)
+        poison = (jnp.arange(c.s) < 48)[None, :, None, None]
+        kp, vp = jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v)
+        out = fa.flash_attention(
+            q, kp, vp, q_start, window=8, interpret=self.interpret, block_sizes=c.block
+        )
+        ref = fa.flash_attention_reference(q, k, v, q_start, window=8)
+        _close(out, ref, F32, "window skip")
+
+    def test_ignores_keys_past_the_last_position(self):
+        # A cache longer than the prompt: slots past the last query position hold garbage.
+        c = FlashCase(2, 13, 48, 4, 2, 64, None, BF16, (0, 7), 13)
+        q, k, v, q_start = _flash_inputs(c)
+        last = (q_start + c.t - 1)[:, None, None, None]
+        tail = jnp.arange(c.s)[None, :, None, None] > last
+        kp, vp = jnp.where(tail, jnp.nan, k), jnp.where(tail, jnp.inf, v)
+        out = fa.flash_attention(q, kp, vp, q_start, window=None, interpret=self.interpret)
+        ref = fa.flash_attention_reference(q, kp, vp, q_start, window=None)
+        _close(out, ref, BF16, "garbage tail")
+
+    def test_rows_without_visible_keys_are_zero(self):
+        # Positions 40..43 against 9 keys with window 10: nothing is visible.
+        c = FlashCase(1, 4, 9, 2, 1, 32, 10, F32, (40,), 14)
+        q, k, v, q_start = _flash_inputs(c)
+        out = fa.flash_attention(q, k, v, q_start, window=10, interpret=self.interpret)
+        ref = fa.flash_attention_reference(q, k, v, q_start, window=10)
+        np.testing.assert_array_equal(np.asarray(out), 0.0)
+        np.testing.assert_array_equal(np.asarray(ref), 0.0)
+
+    @pytest.mark.parametrize(
+        "shapes, kwargs, match",
+        [
+            (((1, 4, 6, 64), (1, 4, 4, 64)), {}, "multiple of kv_heads"),
+            (((1, 4, 4, 48), (1, 4, 2, 48)), {}, "head_dim"),
+            (((1, 4, 4, 64), (1, 4, 2, 64)), {"window": 0}, "window"),
+            (((1, 4, 4, 64), (2, 4, 2, 64)), {}, "batch"),
+            (
+                ((1, 4, 2, 64), (1, 4, 2, 64)),
+                {"block_sizes": fa.BlockSizes(block_q=8)},
+                "block_q",
+            ),
+        ],
+    )
+    def test_validation(self, shapes, kwargs, match):
+        qs, ks = shapes
+        q, k = jnp.zeros(qs, jnp.float32), jnp.zeros(ks, jnp.float32)
+        with pytest.raises(ValueError, match=match):
+            fa.flash_attention(
+                q, k, k, jnp.zeros((qs[0],), jnp.int32), interpret=self.interpret, **kwargs
+            )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU (compiled Pallas kernels)")
+class TestFlashAttentionGpu(TestFlashAttention):
+    interpret = False
+    cases = FLASH_GPU
+
+
+# ------------------------------------------------------------------------ decode attention
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCase:
+    b: int
+    s: int
+    h: int
+    hk: int
+    d: int
+    ring: bool
+    dtype: jnp.dtype
+    pos: tuple[int, ...]
+    seed: int
+    block: da.BlockSizes | None = None
+
+    @property
+    def id(self):
+        bk = "" if self.block is None else f"-bk{self.block.block_k}ks{self.block.k_splits}"
+        return (
+            f"b{self.b}s{self.s}h{self.h}k{self.hk}d{self.d}-{'ring' if self.ring else 'global'}"
+            f"-{jnp.dtype(self.dtype).name}-pos{'_'.join(map(str, self.pos))}{bk}"
+        )
+
+
+DECODE_CPU = [
+    # Ring: before the first wrap, and far past it (pos >> S).
+    DecodeCase(2, 32, 4, 2, 64, True, F32, (5, 1000), 21, da.BlockSizes(16, 2)),
+    # Ring at the wrap boundary: pos = 0, S - 1, S.
+    DecodeCase(3, 48, 8, 2, 128, True, BF16, (0, 47, 48), 22, da.BlockSizes(16, 3)),
+    # Global cache, pos < S/2, S not a multiple of the block, GQA 8.
+    DecodeCase(2, 100, 8, 1, 128, False, BF16, (10, 40), 23, da.BlockSizes(16, 4)),
+    # More splits than live blocks; full cache.
+    DecodeCase(1, 40, 2, 2, 64, False, F32, (39,), 24, da.BlockSizes(16, 8)),
+    # Default block sizes; tiny-model and real head dims.
+    DecodeCase(2, 64, 4, 2, 32, False, F32, (3, 63), 25),
+    DecodeCase(1, 16, 4, 2, 256, True, F32, (100,), 26),
+    DecodeCase(1, 16, 8, 2, 512, False, BF16, (6,), 27),
+]
+
+DECODE_GPU = (
+    [
+        DecodeCase(1, s, 8, hk, d, False, BF16, (p,), 400 + i)
+        for i, (s, hk, d, p) in enumerate(
+            [
+                (4096, 2, 512, 4095),
+                (4096, 1, 512, 1000),
+                (32768, 2, 512, 32767),
+                (32768, 2, 512, 9000),
+                (32768, 8, 256, 12345),
+                (4096, 4, 256, 2047),
+            ]
+        )
+    ]
+    + [
+        DecodeCase(b, s, 8, hk, d, True, BF16, pos, 500 + i)
+        for i, (b, s, hk, d, pos) in enumerate(
+            [
+                (1, 512, 2, 256, (100_000,)),
+                (4, 512, 2, 256, (0, 511, 512, 77_777)),
+                (2, 1024, 8, 256, (300, 50_000)),
+                (2, 1024, 1, 256, (1023, 1024)),
+            ]
+        )
+    ]
+    + [
+        DecodeCase(4, 2048, 8, 2, 512, False, F32, (5, 700, 1024, 2047), 600),
+        DecodeCase(3, 1000, 4, 2, 64, False, F32, (0, 499, 999), 601),
+    ]
+)
+
+
+def _decode_inputs(c: DecodeCase, tail=(jnp.nan, jnp.inf)):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(c.seed), 3)
+    q = _normal(kq, (c.b, c.h, c.d), c.dtype)
+    k = _normal(kk, (c.b, c.s, c.hk, c.d), c.dtype)
+    v = _normal(kv, (c.b, c.s, c.hk, c.d), c.dtype)
+    pos = jnp.asarray(c.pos, jnp.int32)
+    if not c.ring:  # the unwritten tail of a global cache may hold anything
+        unwritten = jnp.arange(c.s)[None, :, None, None] > pos[:, None, None, None]
+        k = jnp.where(unwritten, jnp.asarray(tail[0], c.dtype), k)
+        v = jnp.where(unwritten, jnp.asarray(tail[1], c.dtype), v)
+    return q, k, v, pos
+
+
+class TestDecodeAttention:
+    interpret = True
+    cases = DECODE_CPU
+
+    def test_matches_reference(self, decode_case: DecodeCase):
+        c = decode_case
+        q, k, v, pos = _decode_inputs(c)
+        out = da.decode_attention(
+            q, k, v, pos, ring=c.ring, interpret=self.interpret, block_sizes=c.block
+        )
+        ref = da.decode_attention_reference(q, k, v, pos, ring=c.ring)
+        _close(out, ref, c.dtype, c.id)
+
+    def test_huge_unwritten_tail(self):
+        c = DecodeCase(2, 64, 4, 2, 64, False, F32, (9, 30), 28, da.BlockSizes(16, 4))
+        q, k, v, pos = _decode_inputs(c, tail=(3e38, -3e38))
+        out = da.decode_attention(q, k, v, pos, ring=False, interpret=self.interpret)
+        ref = da.decode_attention_reference(q, k, v, pos, ring=False)
+        _close(out, ref, F32, "huge tail")
+
+    @pytest.mark.parametrize("pos", [3, 31, 32, 77, 1000])
+    def test_ring_equals_windowed_prefill(self, pos):
+        # Write a token sequence into a ring of `window` slots; decoding from the ring must
+        # equal windowed attention of the last position over the whole sequence.
+        b, window, h, hk, d = 1, 32, 4, 2, 64
+        kq, kk, kv = jax.random.split(jax.random.PRNGKey(pos), 3)
+        q = _normal(kq, (b, h, d), jnp.float32)
+        k_seq = _normal(kk, (b, pos + 1, hk, d), jnp.float32)
+        v_seq = _normal(kv, (b, pos + 1, hk, d), jnp.float32)
+        keep = np.arange(max(0, pos - window + 1), pos + 1)
+        slots = keep % window
+        # Slots never written (pos < window - 1) stay NaN: they must be invisible.
+        k_ring = jnp.full((b, window, hk, d), jnp.nan).at[:, slots].set(k_seq[:, keep])
+        v_ring = jnp.full((b, window, hk, d), jnp.nan).at[:, slots].set(v_seq[:, keep])
+        posv = jnp.asarray([pos], jnp.int32)
+        out = da.decode_attention(
+            q, k_ring, v_ring, posv, ring=True, interpret=self.interpret, block_sizes=None
+        )
+        want = fa.flash_attention_reference(q[:, None], k_seq, v_seq, posv, window=window)[:, 0]
+        ref = da.decode_attention_reference(q, k_ring, v_ring, posv, ring=True)
+        _close(out, want, F32, "ring vs prefill")
+        _close(ref, want, F32, "ring reference vs prefill")
+
+    @pytest.mark.parametrize(
+        "qs, ks, match",
+        [
+            ((1, 6, 64), (1, 8, 4, 64), "multiple of kv_heads"),
+            ((1, 4, 64), (1, 8, 2, 32), "head dim"),
+            ((2, 4, 64), (1, 8, 2, 64), "batch"),
+        ],
+    )
+    def test_validation(self, qs, ks, match):
+        q, k = jnp.zeros(qs, jnp.float32), jnp.zeros(ks, jnp.float32)
+        with pytest.raises(ValueError, match=match):
+            da.decode_attention(
+                q, k, k, jnp.zeros((qs[0],), jnp.int32), ring=False, interpret=self.interpret
+            )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU (compiled Pallas kernels)")
+class TestDecodeAttentionGpu(TestDecodeAttention):
+    interpret = False
+    cases = DECODE_GPU
+
+
+# ------------------------------------------------------------------------ qk_norm_rope
+
+
+@dataclasses.dataclass(frozen=True)
+class NormRopeCase:
+    b: int
+    t: int
+    h: int
+    hk: int
+    d: int
+    kv: str  # "qkv": separate k and v; "q": k = v = None; "qk": v None; "k=v": v is raw k
+    dtype: jnp.dtype
+    rotated_pairs: int | None  # None: every pair rotates (sliding); else proportional RoPE
+    max_pos: int
+    seed: int
+    block: nr.BlockSizes | None = None
+
+    @property
+    def id(self):
+        return (
+            f"b{self.b}t{self.t}h{self.h}k{self.hk}d{self.d}-{self.kv}-"
+            f"{jnp.dtype(self.dtype).name}-rot{self.rotated_pairs}-pos{self.max_pos}"
+        )
+
+
+NORM_ROPE_CPU = [
+    NormRopeCase(2, 13, 4, 2, 64, "qkv", F32, None, 600, 31, nr.BlockSizes(block_t=4)),
+    NormRopeCase(1, 6, 8, 2, 128, "q", BF16, None, 50, 32),
+    NormRopeCase(1, 5, 4, 1, 256, "k=v", BF16, 32, 131_000, 33),
+    NormRopeCase(1, 3, 2, 2, 512, "qkv", F32, 64, 100_000, 34),
+    NormRopeCase(3, 1, 4, 2, 32, "qk", F32, None, 10_000, 35),
+]
+
+NORM_ROPE_GPU = [
+    NormRopeCase(1, 1, 8, 2, 256, "qkv", BF16, None, 100_000, 700),
+    NormRopeCase(4, 1, 8, 2, 512, "k=v", BF16, 64, 100_000, 701),
+    NormRopeCase(1, 1024, 8, 2, 256, "qkv", BF16, None, 5000, 702),
+    NormRopeCase(2, 1000, 8, 2, 512, "qkv", F32, 64, 200_000, 703),
+    NormRopeCase(1, 777, 32, 16, 256, "q", BF16, None, 777, 704),
+    NormRopeCase(1, 300, 8, 1, 512, "qk", BF16, 64, 131_000, 705),
+]
+
+
+def _norm_rope_inputs(c: NormRopeCase):
+    ks = jax.random.split(jax.random.PRNGKey(c.seed), 6)
+    q = _normal(ks[0], (c.b, c.t, c.h, c.d), c.dtype, 3.0)
+    k = _normal(ks[1], (c.b, c.t, c.hk, c.d), c.dtype, 0.5) if c.kv != "q" else None
+    if c.kv == "qkv":
+        v = _normal(ks[2], (c.b, c.t, c.hk, c.d), c.dtype, 2.0)
+    else:
+        v = k if c.kv == "k=v" else None
+    q_w = 1.0 + 0.5 * jax.random.normal(ks[3], (c.d,), jnp.float32)
+    k_w = 1.0 + 0.5 * jax.random.normal(ks[4], (c.d,), jnp.float32) if k is not None else None
+    positions = jax.random.randint(ks[5], (c.b, c.t), 0, c.max_pos + 1, jnp.int32)
+    base = 10_000.0 if c.rotated_pairs is None else 1_000_000.0
+    return q, k, v, q_w, k_w, positions, _rope_inv_freq(c.d, base, c.rotated_pairs)
+
+
+class TestQKNormRope:
+    interpret = True
+    cases = NORM_ROPE_CPU
+
+    def test_matches_reference(self, norm_rope_case: NormRopeCase):
+        c = norm_rope_case
+        args = _norm_rope_inputs(c)
+        out = nr.qk_norm_rope(*args, eps=1e-6, interpret=self.interpret, block_sizes=c.block)
+        ref = nr.qk_norm_rope_reference(*args, eps=1e-6)
+        for name, x, o, r in zip("qkv", args[:3], out, ref, strict=True):
+            if x is None:
+                assert o is None and r is None, name
+            else:
+                _close(o, r, c.dtype, f"{c.id} {name}")
+
+    def test_zero_inv_freq_is_plain_norm(self):
+        # inv_freq all zero: RoPE is the identity, so q/k are just normalised.
+        c = NormRopeCase(1, 7, 4, 2, 64, "qkv", F32, 0, 1000, 36)
+        q, k, v, q_w, k_w, positions, inv_freq = _norm_rope_inputs(c)
+        assert not np.asarray(inv_freq).any()
+        out = nr.qk_norm_rope(
+            q, k, v, q_w, k_w, positions, inv_freq, eps=1e-6, interpret=self.interpret
+        )
+        _close(out[0], nr.rms_norm(q, q_w, 1e-6), F32, "q")
+        _close(out[1], nr.rms_norm(k, k_w, 1e-6), F32, "k")
+        _close(out[2], nr.rms_norm(v, None, 1e-6), F32, "v")
+
+    def test_validation(self):
+        q = jnp.zeros((1, 2, 4, 64), jnp.float32)
+        k = jnp.zeros((1, 2, 2, 64), jnp.float32)
+        w, pos, inv = jnp.ones((64,)), jnp.zeros((1, 2), jnp.int32), jnp.zeros((32,))
+        with pytest.raises(ValueError, match="k_w"):
+            nr.qk_norm_rope(q, k, None, w, None, pos, inv, eps=1e-6, interpret=self.interpret)
+        with pytest.raises(ValueError, match="inv_freq"):
+            nr.qk_norm_rope(q, k, None, w, w, pos, inv[:8], eps=1e-6, interpret=self.interpret)
+        with pytest.raises(ValueError, match="positions"):
+            nr.qk_norm_rope(q, k, None, w, w, pos[:, :1], inv, eps=1e-6, interpret=self.interpret)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU (compiled Pallas kernels)")
+class TestQKNormRopeGpu(TestQKNormRope):
+    interpret = False
+    cases = NORM_ROPE_GPU
+
+
+def pytest_generate_tests(metafunc):
+    for fixture in ("flash_case", "decode_case", "norm_rope_case"):
+        if fixture in metafunc.fixturenames:
+            cases = metafunc.cls.cases
+            metafunc.parametrize(fixture, cases, ids=[c.id for c in cases])
+
+
+# ------------------------------------------------------------------------ lowering on the CPU
+
+
+def _lower_for_h100(fn, *args):
+    """Lower ``fn`` for CUDA with an abstract H100: runs every Triton lowering rule."""
+    device = jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+    )
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton_kernel_call" in text or "__gpu$xla.gpu.triton" in text, text[:2000]
+
+
+def _spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+class TestTritonLowering:
+    """The GPU sweeps, lowered (not compiled) for an H100 on the CPU."""
+
+    @pytest.mark.parametrize("c", FLASH_GPU + FLASH_CPU, ids=lambda c: c.id)
+    def test_flash(self, c: FlashCase):
+        fn = functools.partial(fa.flash_attention, window=c.window, block_sizes=c.block)
+        kv = _spec((c.b, c.s, c.hk, c.d), c.dtype)
+        _lower_for_h100(fn, _spec((c.b, c.t, c.h, c.d), c.dtype), kv, kv, _spec((c.b,), jnp.int32))
+
+    @pytest.mark.parametrize("c", DECODE_GPU + DECODE_CPU, ids=lambda c: c.id)
+    def test_decode(self, c: DecodeCase):
+        fn = functools.partial(da.decode_attention, ring=c.ring, block_sizes=c.block)
+        kv = _spec((c.b, c.s, c.hk, c.d), c.dtype)
+        _lower_for_h100(fn, _spec((c.b, c.h, c.d), c.dtype), kv, kv, _spec((c.b,), jnp.int32))
+
+    @pytest.mark.parametrize("c", NORM_ROPE_GPU + NORM_ROPE_CPU, ids=lambda c: c.id)
+    def test_norm_rope(self, c: NormRopeCase):
+        fn = functools.partial(nr.qk_norm_rope, eps=1e-6, block_sizes=c.block)
+        args = [None if x is None else _spec(x.shape, x.dtype) for x in _norm_rope_inputs(c)]
+        _lower_for_h100(fn, *args)
+
+
+# ------------------------------------------------------------------------ references vs float64
+
+
+def _naive_attention(q, k, v, q_pos, k_visible, scale):
+    """float64 loops: q[T,H,D] at positions q_pos[T]; k_visible(p, s) -> bool."""
+    t_len, h, _ = q.shape
+    s_len, hk, _ = k.shape
+    out = np.zeros(q.shape, np.float64)
+    for t in range(t_len):
+        for hh in range(h):
+            kh = hh // (h // hk)
+            vis = [s for s in range(s_len) if k_visible(q_pos[t], s)]
+            if not vis:
+                continue
+            logits = np.array([scale * np.dot(q[t, hh], k[s, kh]) for s in vis])
+            w = np.exp(logits - logits.max())
+            w /= w.sum()
+            out[t, hh] = sum(wi * v[s, kh] for wi, s in zip(w, vis, strict=True))
+    return out
+
+
+class TestReferencesAgainstFloat64:
+    def test_flash_reference(self):
+        rng = np.random.default_rng(0)
+        b, t, s, h, hk, d, window, scale = 2, 5, 8, 4, 2, 8, 3, 0.7
+        q, k, v = (rng.standard_normal(sh) for sh in [(b, t, h, d), (b, s, hk, d), (b, s, hk, d)])
+        q_start = np.array([3, 0])
+        for win in (None, window):
+            got = fa.flash_attention_reference(
+                *(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+                jnp.asarray(q_start, jnp.int32),
+                window=win,
+                scale=scale,
+            )
+            for bb in range(b):
+                qpos = q_start[bb] + np.arange(t)
+
+                def visible(p, si, win=win):
+                    return si <= p and (win is None or p - si < win)
+
+                want = _naive_attention(q[bb], k[bb], v[bb], qpos, visible, scale)
+                np.testing.assert_allclose(np.asarray(got[bb]), want, rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("ring", [False, True])
+    def test_decode_reference(self, ring):
+        rng = np.random.default_rng(1)
+        b, s, h, hk, d = 3, 6, 4, 1, 8
+        q, k, v = (rng.standard_normal(sh) for sh in [(b, h, d), (b, s, hk, d), (b, s, hk, d)])
+        pos = np.array([2, 5, 13])
+        got = da.decode_attention_reference(
+            *(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+            jnp.asarray(pos, jnp.int32),
+            ring=ring,
+        )
+        for bb in range(b):
+            p = int(pos[bb])
+            if ring:  # slot si holds position p - ((p - si) mod S)
+
+                def visible(_, si, p=p):
+                    return p - ((p - si) % s) >= 0
+            else:
+
+                def visible(_, si, p=p):
+                    return si <= p
+
+            want = _naive_attention(q[bb][None], k[bb], v[bb], [p], visible, 1.0)[0]
+            np.testing.assert_allclose(np.asarray(got[bb]), want, rtol=1e-5, atol=1e-5)
+
+    def test_norm_rope_reference(self):
+        rng = np.random.default_rng(2)
+        b, t, h, hk, d, eps = 2, 3, 2, 1, 8, 1e-6
+        q, k, v = (rng.standard_normal(sh) for sh in [(b, t, h, d), (b, t, hk, d), (b, t, hk, d)])
+        q_w, k_w = rng.standard_normal(d), rng.standard_normal(d)
+        positions = np.array([[0, 5, 900], [7, 3, 2]])
+        inv_freq = np.array([1.0, 0.1, 0.01, 0.0])  # last pair unrotated
+        got = nr.qk_norm_rope_reference(
+            *(jnp.asarray(x, jnp.float32) for x in (q, k, v, q_w, k_w)),
+            jnp.asarray(positions, jnp.int32),
+            jnp.asarray(inv_freq, jnp.float32),
+            eps=eps,
+        )
+
+        def norm_rope(x, w, rotate):
+            out = np.zeros(x.shape)
+            for bb, tt, hh in np.ndindex(*x.shape[:3]):
+                y = x[bb, tt, hh] / np.sqrt(np.mean(x[bb, tt, hh] ** 2) + eps)
+                if w is not None:
+                    y = y * w
+                if rotate:
+                    z = y.copy()
+                    for i in range(d // 2):
+                        a = positions[bb, tt] * inv_freq[i]
+                        z[i] = y[i] * np.cos(a) - y[i + d // 2] * np.sin(a)
+                        z[i + d // 2] = y[i + d // 2] * np.cos(a) + y[i] * np.sin(a)
+                    y = z
+                out[bb, tt, hh] = y
+            return out
+
+        for g, want in zip(
+            got,
+            (norm_rope(q, q_w, True), norm_rope(k, k_w, True), norm_rope(v, None, False)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
