@@ -105,8 +105,9 @@ def _flash_kernel(
     pos = p_lo + jnp.arange(bq, dtype=jnp.int32)  # [bq]
     pos = jnp.broadcast_to(pos[:, None], (bq, g)).reshape(rows)  # [M]
 
-    # Key-block ranges. Keys any row may see: [key_lo, key_hi]; keys every real row sees:
-    # [full_lo_key, full_hi_key]. Blocks wholly inside the latter need no mask.
+    # Key-block ranges. Some row of the block may see keys in [p_lo - window + 1, key_hi]
+    # (blocks [kb_lo, n_hi)); every real row sees [p_hi - window + 1, full_hi_key] (blocks
+    # [full_lo, full_hi), run without masks). Padded rows past T are computed but not stored.
     key_hi = jnp.minimum(p_hi, seq_k - 1)
     n_hi = lax.div(jnp.maximum(key_hi + 1, 0) + (bk - 1), bk)  # exclusive block bound
     full_hi_key = jnp.minimum(p_lo, seq_k - 1)
