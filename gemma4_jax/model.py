@@ -262,18 +262,30 @@ def _inv_freq(params: Params, s: LayerSpec):
     return params.rope["sliding" if s.sliding else "global"]
 
 
-def run_sequence(params: Params, h: jax.Array, ple, *, seg_ids, cache_size=None, lengths=None):
+def run_sequence(
+    params: Params,
+    h: jax.Array,
+    ple,
+    *,
+    seg_ids,
+    cache_size=None,
+    lengths=None,
+    collect_hidden: bool = False,
+):
     """Run segments `seg_ids` in sequence mode.
 
     Returns (h, donor_seq, caches): donor_seq maps each donor layer to its chunk (k, v) (needed by
     later KV-shared segments in `forward`); with `cache_size` set, caches[seg] is the segment's
     filled KV cache (per slot {"k","v"} stacked over periods, None for slots without K/V).
+    With `collect_hidden`, a fourth item: the residual stream after every layer run, float32
+    [n_layers_run, B, T, D] in layer order, emitted as scan outputs (no host round trip).
     """
     c = params.config
     segs = segments(c)
     donors = {s.kv_donor for s in _all_specs(c) if not s.has_kv}
     donor_seq: dict[int, tuple] = {}
     caches: dict[int, tuple] = {}
+    hidden: list[jax.Array] = []
     for si in seg_ids:
         seg = segs[si]
         sp = params.segments[si]
@@ -289,7 +301,7 @@ def run_sequence(params: Params, h: jax.Array, ple, *, seg_ids, cache_size=None,
 
         def body(h, xs, seg=seg, emit=emit):
             lp, lple = xs
-            outs = []
+            outs, hs = [], []
             for j, s in enumerate(seg.slots):
                 ctx = {"mode": "sequence", "donor_seq": donor_seq, "dtype": params.compute_dtype}
                 h, kv = layer(
@@ -303,9 +315,13 @@ def run_sequence(params: Params, h: jax.Array, ple, *, seg_ids, cache_size=None,
                     size = min(c.window, cache_size) if s.sliding else cache_size
                     kc, vc = fill_cache(kv[0], kv[1], lengths, size, s.sliding)
                     outs.append({"k": kc, "v": vc})
-            return h, tuple(outs)
+                if collect_hidden:
+                    hs.append(h)
+            return h, (tuple(outs), jnp.stack(hs) if collect_hidden else None)
 
-        h, ys = jax.lax.scan(body, h, (sp, _segment_ple(c, seg, ple)))
+        h, (ys, hs) = jax.lax.scan(body, h, (sp, _segment_ple(c, seg, ple)))
+        if collect_hidden:  # [n_periods, period, B, T, D] -> [layers, B, T, D]
+            hidden.append(hs.reshape(seg.n_periods * seg.period, *hs.shape[2:]))
         if cache_size is not None:
             caches[si] = ys
         for j in range(seg.period):
@@ -315,6 +331,8 @@ def run_sequence(params: Params, h: jax.Array, ple, *, seg_ids, cache_size=None,
                 li = seg.layer_index(pi, j)
                 if li in donors:
                     donor_seq[li] = (ys[j][0][pi], ys[j][1][pi])
+    if collect_hidden:
+        return h, donor_seq, caches, jnp.concatenate(hidden, axis=0)
     return h, donor_seq, caches
 
 
@@ -382,9 +400,12 @@ def _all_specs(c: Gemma4Config):
 # ---------------------------------------------------------------------------- forward
 
 
-def forward_impl(params: Params, tokens: jax.Array, *, return_hidden: bool = False):
+def forward_impl(params: Params, tokens: jax.Array, *, return_hidden: bool | str = False):
     h, ple = embed(params, tokens)
-    h, _, _ = run_sequence(params, h, ple, seg_ids=range(len(params.segments)))
+    seg_ids = range(len(params.segments))
+    if return_hidden == "layers":
+        return run_sequence(params, h, ple, seg_ids=seg_ids, collect_hidden=True)[3]
+    h, _, _ = run_sequence(params, h, ple, seg_ids=seg_ids)
     if return_hidden:
         return h
     return lm_head(params, h)
@@ -427,11 +448,18 @@ def _with_kernels(kernels: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def forward(params: Params, tokens, *, return_hidden: bool = False) -> jax.Array:
+def forward(params: Params, tokens, *, return_hidden: bool | str = False) -> jax.Array:
     """Full-sequence scoring: int tokens [B, T] -> float32 logits [B, T, V].
 
     Every position attends causally to the ones before it (sliding layers to their window);
-    no cache is kept. `return_hidden=True` returns the final hidden states [B, T, D] instead.
+    no cache is kept. `return_hidden=True` returns the final hidden states [B, T, D] (before
+    the final norm) instead; `return_hidden="layers"` returns the residual stream after every
+    layer, float32 [L, B, T, D] (entry -1 equals `return_hidden=True`): per-layer activations
+    come out of the same jitted scan as scan outputs.
     """
+    if return_hidden not in (False, True, "layers"):
+        from .errors import InputError
+
+        raise InputError(f"return_hidden={return_hidden!r}: expected False, True or 'layers'")
     tokens = _check_tokens(params, tokens)
     return _forward_jit(params, tokens, ops.kernel_mode(), return_hidden)
