@@ -231,16 +231,27 @@ def prefill_jobs(
     return jobs
 
 
+def _fits(rows: int, bk: int, d: int, stages: int, itemsize: int = 2) -> bool:
+    """Drop tiles whose q tile + num_stages x K/V tiles already exceed the H100's shared
+    memory (the kernels reject them; see flash_attention.smem_lower_bound)."""
+    need = fa.smem_lower_bound(
+        rows=rows, block_k=bk, head_dim=d, itemsize=itemsize, num_stages=stages
+    )
+    return need <= fa.SMEM_LIMIT
+
+
 def _flash_candidates(d: int, group: int) -> list[fa.BlockSizes]:
     out = []
     rows_bk = (
         [(64, 64), (128, 64), (64, 32), (128, 32), (32, 64)]
         if d <= 256
-        else [(64, 32), (32, 32), (64, 16), (32, 64), (128, 16)]
+        else [(64, 32), (32, 32), (64, 16), (32, 64), (128, 16), (32, 16)]
     )
     for rows, bk in rows_bk:
-        for warps, stages in ((4, 2), (8, 2), (8, 3)):
-            out.append(fa.BlockSizes(max(1, rows // group), bk, warps, stages))
+        for warps, stages in ((4, 2), (8, 2), (8, 3), (8, 1)):
+            bq = max(1, rows // group)
+            if _fits(bq * group, bk, d, stages):
+                out.append(fa.BlockSizes(bq, bk, warps, stages))
     return out
 
 
@@ -263,7 +274,7 @@ def decode_jobs(cases, *, interpret: bool, sweep: bool, heads=8, kv_heads=2) -> 
             )
 
         extra = {"S": s, "pos": pos, "D": d, "ring": ring, "live_bytes": live_bytes}
-        cands = [None] + (_decode_candidates() if sweep else [])
+        cands = [None] + (_decode_candidates(d) if sweep else [])
         for bs in cands:
             call = functools.partial(
                 da.decode_attention, ring=ring, interpret=interpret, block_sizes=bs
@@ -304,13 +315,14 @@ def decode_jobs(cases, *, interpret: bool, sweep: bool, heads=8, kv_heads=2) -> 
     return jobs
 
 
-def _decode_candidates() -> list[da.BlockSizes]:
+def _decode_candidates(d: int, rows: int = 16) -> list[da.BlockSizes]:
     out = []
     for bk in (16, 32, 64):
         for splits in (16, 32, 64, 128):
             out.append(da.BlockSizes(bk, splits, 4, 2))
     out += [da.BlockSizes(32, 64, 4, 3), da.BlockSizes(32, 64, 8, 2), da.BlockSizes(16, 64, 4, 4)]
-    return out
+    out += [da.BlockSizes(32, 64, 4, 1), da.BlockSizes(64, 64, 4, 1)]
+    return [c for c in out if _fits(rows, c.block_k, d, c.num_stages)]
 
 
 def norm_rope_jobs(seqs, *, interpret: bool, sweep: bool, heads=8, kv_heads=2) -> list[Job]:

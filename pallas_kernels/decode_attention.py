@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels import flash_attention as fa
 
 __all__ = ["BlockSizes", "decode_attention", "decode_attention_reference"]
 
@@ -57,21 +58,39 @@ class BlockSizes:
     num_stages: int | None = None
 
     def resolve(
-        self, *, batch: int, kv_heads: int, seq_k: int, head_dim: int, itemsize: int
+        self, *, batch: int, kv_heads: int, seq_k: int, head_dim: int, itemsize: int, rows: int
     ) -> BlockSizes:
-        # Untuned guesses for H100 (sweep with benchmarks/bench_attention.py): K and V tiles of
-        # 32 KiB each per pipeline stage, and ~2 waves of programs over 132 SMs when the cache
-        # is long enough, capped at 64 splits so the f32 partials stay small next to the
-        # cache bytes they summarise.
+        """Fill the ``None`` fields: start from 64 slots and 2 stages, then shrink block_k to 16
+        and then to 1 stage until ``flash_attention.smem_bytes <= SMEM_BUDGET`` (``rows`` =
+        the group padded to 16). Splits: ~2 waves of programs over 132 SMs when the cache is
+        long enough, capped at 64 so the f32 partials stay small next to the cache bytes they
+        summarise. Fields the caller set are kept (``decode_attention`` then rejects a config
+        that cannot fit at all). Untuned: sweep with benchmarks/bench_attention.py."""
         block_k = self.block_k
         if block_k is None:
-            block_k = max(16, min(32768 // (head_dim * itemsize), _compat.next_pow2(seq_k)))
+            block_k = max(16, min(64, _compat.next_pow2(seq_k)))
+        num_stages = self.num_stages or 2
+        while (
+            fa.smem_bytes(
+                rows=rows,
+                block_k=block_k,
+                head_dim=head_dim,
+                itemsize=itemsize,
+                num_stages=num_stages,
+            )
+            > fa.SMEM_BUDGET
+        ):
+            if self.block_k is None and block_k > 16:
+                block_k //= 2
+            elif not self.num_stages and num_stages > 1:
+                num_stages = 1
+            else:
+                break  # nothing left to shrink; decode_attention checks the hard limit
         k_splits = self.k_splits
         if k_splits is None:
             want = _compat.next_pow2(max(1, 264 // (batch * kv_heads)))
             k_splits = max(1, min(want, 64, pl.cdiv(seq_k, block_k)))
         num_warps = self.num_warps or 4
-        num_stages = self.num_stages or 2
         return BlockSizes(block_k, k_splits, num_warps, num_stages)
 
 
@@ -182,14 +201,29 @@ def decode_attention(
     batch, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
+    rows = max(16, _compat.next_pow2(group))  # Triton dots need M >= 16
     bs = (block_sizes or BlockSizes()).resolve(
-        batch=batch, kv_heads=kv_heads, seq_k=seq_k, head_dim=head_dim, itemsize=q.dtype.itemsize
+        batch=batch,
+        kv_heads=kv_heads,
+        seq_k=seq_k,
+        head_dim=head_dim,
+        itemsize=q.dtype.itemsize,
+        rows=rows,
     )
     if not (_compat.is_pow2(bs.block_k) and bs.block_k >= 16):
         raise ValueError(f"{bs.block_k=} must be a power of two >= 16")
     if bs.k_splits < 1:
         raise ValueError(f"{bs.k_splits=} must be >= 1")
-    rows = max(16, _compat.next_pow2(group))  # Triton dots need M >= 16
+    if bs.num_stages < 1:
+        raise ValueError(f"{bs.num_stages=} must be >= 1")
+    fa.check_smem(
+        "decode_attention",
+        rows=rows,
+        block_k=bs.block_k,
+        head_dim=head_dim,
+        itemsize=q.dtype.itemsize,
+        num_stages=bs.num_stages,
+    )
 
     # Ring or not, the visible slots are [0, n): see the module doc.
     n = jnp.minimum(pos.astype(jnp.int32) + 1, seq_k)  # [B]

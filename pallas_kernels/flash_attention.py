@@ -17,6 +17,9 @@ What is notable here:
 - Ragged ``T`` and ``S`` need no padding copies: partial tiles use masked loads/stores (a
   masked lane is never read on the GPU), and keys past the last visible one are zeroed at load
   so garbage (even NaN) in an unwritten cache tail cannot leak into the output.
+- Default tiles are sized for the H100's 227 KiB of shared memory: ``BlockSizes.resolve``
+  shrinks them until the conservative ``smem_bytes`` estimate is under ``SMEM_BUDGET``
+  (160 KiB), and a caller's tiles that cannot fit at all are rejected before compiling.
 - A query row with no visible key at all (only possible with ``q_start`` past ``S`` plus a
   window) returns zeros, in the kernel and the reference alike.
 """
@@ -34,9 +37,59 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 
-__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference"]
+__all__ = [
+    "SMEM_BUDGET",
+    "SMEM_LIMIT",
+    "BlockSizes",
+    "flash_attention",
+    "flash_attention_reference",
+    "check_smem",
+    "smem_bytes",
+    "smem_lower_bound",
+]
 
 _LOG2E = math.log2(math.e)
+
+
+# Shared memory per thread block on the H100 (the opt-in maximum Triton may request), and the
+# budget every DEFAULT config must stay under by the conservative estimate below. Triton's own
+# allocation was only measured once (D=512 f32, M=32, block_k=16, 2 stages: 270592 B requested,
+# which this estimate puts at 266240 B); the gap between budget and limit is the safety margin.
+SMEM_LIMIT = 232448  # 227 KiB
+SMEM_BUDGET = 160 * 1024
+
+
+def smem_bytes(*, rows: int, block_k: int, head_dim: int, itemsize: int, num_stages: int) -> int:
+    """Conservative shared-memory estimate of one attention program (flash or decode).
+
+    ``rows * D * itemsize`` (the q tile, a dot operand for the whole loop)
+    ``+ 2 * copies * block_k * D * itemsize`` (K and V tiles; ``copies = num_stages + 1``: the
+    ``num_stages`` software-pipeline buffers plus one dot-operand copy, which the f32 (IEEE,
+    FMA) dots were seen to need; 1 when ``num_stages == 1``, as nothing is pipelined then)
+    ``+ rows * block_k * 4`` (the P tile as a dot operand, counted at f32 size).
+    """
+    copies = 1 if num_stages <= 1 else num_stages + 1
+    tile = block_k * head_dim * itemsize
+    return rows * head_dim * itemsize + 2 * copies * tile + rows * block_k * 4
+
+
+def smem_lower_bound(
+    *, rows: int, block_k: int, head_dim: int, itemsize: int, num_stages: int
+) -> int:
+    """What Triton needs at the least: the q tile and ``num_stages`` K and V tiles."""
+    tile = block_k * head_dim * itemsize
+    return rows * head_dim * itemsize + 2 * max(num_stages, 1) * tile
+
+
+def check_smem(what: str, **kw) -> None:
+    """Raise a clear error for a tile config that cannot fit the H100's shared memory."""
+    need = smem_lower_bound(**kw)
+    if need > SMEM_LIMIT:
+        raise ValueError(
+            f"{what}: tiles {kw} need at least {need} B of shared memory (q tile + num_stages x "
+            f"K and V tiles), over the H100's {SMEM_LIMIT} B; use a smaller block_q, block_k "
+            f"or num_stages (the defaults stay under {SMEM_BUDGET} B by smem_bytes)"
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,19 +111,44 @@ class BlockSizes:
     def resolve(
         self, *, seq_q: int, seq_k: int, group: int, head_dim: int, itemsize: int
     ) -> BlockSizes:
-        # Untuned guesses for H100 (sweep with benchmarks/bench_attention.py): the f32
-        # accumulator [block_q * G, D] must fit in registers, and a K or V tile is kept at
-        # <= 32 KiB so K + V x num_stages fits in shared memory (228 KiB) next to q.
-        rows = 128 if head_dim <= 128 else (32 if head_dim * itemsize >= 2048 else 64)
+        """Fill the ``None`` fields: start from M = 128 rows (64 for D > 128), 64 keys and 2
+        stages, then shrink the free fields until ``smem_bytes <= SMEM_BUDGET``: block_k to
+        32, rows to 32, block_k to 16, 1 stage, rows to 16. Fields the caller set are kept
+        (``flash_attention`` then rejects a config that cannot fit at all)."""
         min_q = max(1, -(-16 // group))  # Triton dots need M >= 16
         block_q = self.block_q
         if block_q is None:
+            rows = 128 if head_dim <= 128 else 64
             block_q = max(min(rows // group, _compat.next_pow2(seq_q)), min_q)
         block_k = self.block_k
         if block_k is None:
-            block_k = max(16, min(32768 // (head_dim * itemsize), 64, _compat.next_pow2(seq_k)))
-        num_warps = self.num_warps or (4 if head_dim <= 64 else 8)
+            block_k = max(16, min(64, _compat.next_pow2(seq_k)))
         num_stages = self.num_stages or 2
+        free_q, free_k, free_s = self.block_q is None, self.block_k is None, not self.num_stages
+
+        while (
+            smem_bytes(
+                rows=block_q * group,
+                block_k=block_k,
+                head_dim=head_dim,
+                itemsize=itemsize,
+                num_stages=num_stages,
+            )
+            > SMEM_BUDGET
+        ):
+            if free_k and block_k > 32:
+                block_k //= 2
+            elif free_q and block_q * group > 32 and block_q // 2 >= min_q:
+                block_q //= 2
+            elif free_k and block_k > 16:
+                block_k //= 2
+            elif free_s and num_stages > 1:
+                num_stages = 1
+            elif free_q and block_q // 2 >= min_q:
+                block_q //= 2
+            else:
+                break  # nothing left to shrink; flash_attention checks the hard limit
+        num_warps = self.num_warps or (4 if head_dim <= 64 else 8)
         return BlockSizes(block_q, block_k, num_warps, num_stages)
 
 
@@ -158,10 +236,20 @@ def _flash_kernel(
         jnp.full((rows,), _compat.MASK_VALUE, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    carry = lax.fori_loop(kb_lo, full_lo, functools.partial(step, masked=True), carry)
+    # Two loop bodies, not three (each is a separately pipelined loop for Triton to compile):
+    # the masked edges [kb_lo, full_lo) and [full_hi, n_hi) share one loop, the order of the
+    # blocks being irrelevant to the online softmax.
+    n_edge_lo = full_lo - kb_lo
+
+    def masked_step(j, carry):
+        kb = jnp.where(j < n_edge_lo, kb_lo + j, full_hi + (j - n_edge_lo))
+        return step(kb, carry, masked=True)
+
+    n_masked = n_edge_lo + (n_hi - full_hi)
+    carry = lax.fori_loop(0, n_masked, masked_step, carry)
     if bk <= seq_k:  # otherwise no block lies wholly inside [0, S) and the loop is empty
         carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-    acc, _, l_i = lax.fori_loop(full_hi, n_hi, functools.partial(step, masked=True), carry)
+    acc, _, l_i = carry
 
     l_safe = jnp.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key returns 0
     o = (acc / l_safe[:, None]).reshape(bq, g, d)
@@ -221,6 +309,16 @@ def flash_attention(
         raise ValueError(f"{bs.block_q=} must be a power of two with block_q * {group=} >= 16")
     if not (_compat.is_pow2(bs.block_k) and bs.block_k >= 16):
         raise ValueError(f"{bs.block_k=} must be a power of two >= 16")
+    if bs.num_stages < 1:
+        raise ValueError(f"{bs.num_stages=} must be >= 1")
+    check_smem(
+        "flash_attention",
+        rows=bs.block_q * group,
+        block_k=bs.block_k,
+        head_dim=head_dim,
+        itemsize=q.dtype.itemsize,
+        num_stages=bs.num_stages,
+    )
 
     kernel = functools.partial(
         _flash_kernel,

@@ -5,7 +5,8 @@ Each test class runs the Pallas kernel in interpret mode on the CPU over a small
 the Triton lowering and sweeps the real sizes (head dims 256/512, GQA 1..8, T up to 1024,
 caches up to 32K). ``TestTritonLowering`` lowers the GPU sweep for an H100 on the CPU, which
 catches unsupported primitives and non-power-of-two tiles without a GPU (Triton's own compile
-to PTX, register and shared-memory limits are only checked by the GPU twins).
+to PTX, register and shared-memory limits are only checked by the GPU twins);
+``TestSharedMemory`` checks the conservative shared-memory estimate of every default tile.
 The references themselves are checked against naive float64 numpy loops.
 """
 
@@ -524,6 +525,102 @@ class TestTritonLowering:
         fn = functools.partial(nr.qk_norm_rope, eps=1e-6, block_sizes=c.block)
         args = [None if x is None else _spec(x.shape, x.dtype) for x in _norm_rope_inputs(c)]
         _lower_for_h100(fn, *args)
+
+
+# ------------------------------------------------------------------------ shared memory (H100)
+
+
+def _flash_smem(c: FlashCase) -> tuple[fa.BlockSizes, int]:
+    g, isz = c.h // c.hk, jnp.dtype(c.dtype).itemsize
+    bs = (c.block or fa.BlockSizes()).resolve(
+        seq_q=c.t, seq_k=c.s, group=g, head_dim=c.d, itemsize=isz
+    )
+    est = fa.smem_bytes(
+        rows=bs.block_q * g,
+        block_k=bs.block_k,
+        head_dim=c.d,
+        itemsize=isz,
+        num_stages=bs.num_stages,
+    )
+    return bs, est
+
+
+def _decode_smem(c: DecodeCase) -> tuple[da.BlockSizes, int]:
+    rows, isz = max(16, c.h // c.hk), jnp.dtype(c.dtype).itemsize
+    bs = (c.block or da.BlockSizes()).resolve(
+        batch=c.b, kv_heads=c.hk, seq_k=c.s, head_dim=c.d, itemsize=isz, rows=rows
+    )
+    est = fa.smem_bytes(
+        rows=rows, block_k=bs.block_k, head_dim=c.d, itemsize=isz, num_stages=bs.num_stages
+    )
+    return bs, est
+
+
+# Every supported shape class: head dims 32..512, f32 and bf16, GQA 1..8, short and long.
+SMEM_FLASH = [
+    FlashCase(1, t, t, 8, 8 // g, d, None, dt, (0,), 0)
+    for d in (32, 64, 128, 256, 512)
+    for dt in (F32, BF16)
+    for g in (1, 2, 4, 8)
+    for t in (1, 5, 100, 4096)
+]
+SMEM_DECODE = [
+    DecodeCase(1, s, 8, 8 // g, d, False, dt, (0,), 0)
+    for d in (32, 64, 128, 256, 512)
+    for dt in (F32, BF16)
+    for g in (1, 2, 4, 8)
+    for s in (16, 1000, 32768)
+]
+
+
+class TestSharedMemory:
+    """Default tiles must fit the H100's 227 KiB of shared memory with a wide margin: the
+    conservative estimate ``smem_bytes`` stays under ``SMEM_BUDGET`` (160 KiB)."""
+
+    def test_budget_is_under_the_h100_limit(self):
+        assert fa.SMEM_BUDGET < fa.SMEM_LIMIT == 232448
+        # The one measured failure (D=512 f32 G=4, M=32, block_k=16, 2 stages) requested
+        # 270592 B; the estimate must not be far below it, and the budget well below both.
+        est = fa.smem_bytes(rows=32, block_k=16, head_dim=512, itemsize=4, num_stages=2)
+        assert est > 0.95 * 270592 and fa.SMEM_BUDGET < 0.65 * est
+
+    def test_flash_defaults_fit(self):
+        for c in FLASH_GPU + FLASH_CPU + SMEM_FLASH:
+            bs, est = _flash_smem(c)
+            assert est <= fa.SMEM_BUDGET, (c.id, bs, est)
+            assert bs.block_q * (c.h // c.hk) >= 16 and bs.block_k >= 16, (c.id, bs)
+
+    def test_decode_defaults_fit(self):
+        for c in DECODE_GPU + DECODE_CPU + SMEM_DECODE:
+            bs, est = _decode_smem(c)
+            assert est <= fa.SMEM_BUDGET, (c.id, bs, est)
+            assert bs.block_k >= 16 and bs.k_splits >= 1, (c.id, bs)
+
+    def test_the_failing_gpu_case_now_fits(self):
+        c = next(c for c in FLASH_GPU if c.d == 512 and c.dtype == F32)
+        bs, est = _flash_smem(c)
+        assert est <= fa.SMEM_BUDGET, (bs, est)
+
+    def test_partial_block_sizes_shrink_the_free_fields(self):
+        c = FlashCase(1, 1024, 1024, 8, 2, 512, None, BF16, (0,), 0, fa.BlockSizes(block_q=16))
+        bs, est = _flash_smem(c)
+        assert bs.block_q == 16 and est <= fa.SMEM_BUDGET, (bs, est)
+
+    def test_oversized_user_tiles_are_rejected(self):
+        q = jnp.zeros((1, 256, 8, 512), jnp.float32)
+        k = jnp.zeros((1, 256, 2, 512), jnp.float32)
+        big = fa.BlockSizes(block_q=32, block_k=64, num_warps=8, num_stages=3)
+        with pytest.raises(ValueError, match="shared memory"):
+            fa.flash_attention(q, k, k, jnp.zeros((1,), jnp.int32), block_sizes=big)
+        with pytest.raises(ValueError, match="shared memory"):
+            da.decode_attention(
+                q[:, 0],
+                k,
+                k,
+                jnp.zeros((1,), jnp.int32),
+                ring=False,
+                block_sizes=da.BlockSizes(128, 4, 4, 3),
+            )
 
 
 # ------------------------------------------------------------------------ references vs float64
