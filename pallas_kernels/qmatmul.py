@@ -1,0 +1,630 @@
+"""Quantized matmul ``x[M, K] @ W[N, K]^T -> [M, N]`` on ggml block formats, Pallas GPU (Triton).
+
+Contract (docs/LAYOUT.md): ``W`` arrives as the repacked field arrays of its format (``qs``,
+``d``, ...; see ``qtiles`` for how each format is read), ``x`` is f32/bf16/f16, the result has
+``x.dtype`` and products are accumulated in f32. Formats: Q8_0, Q4_0, Q4_K, Q5_K, Q6_K.
+
+What is notable here:
+- **Runs, not interleaves.** Every format is read as runs of R consecutive K elements (one
+  load of packed bytes, one scale; see ``qtiles``), so the nibble order of ggml never has to
+  be undone in registers: the cheap side, x, is reshaped or permuted instead.
+- **Three kernels, chosen by the static M** (``BlockSizes.resolve``):
+  * ``vector`` (M <= 4, batch-1 decode): CUDA-core multiply-add. A program owns ``block_n``
+    rows of W and a range of K; it dequantizes ``[block_n, block_k/B, R]`` run tiles in f32
+    and accumulates ``w * x`` elementwise in registers (x viewed as ``[M, K/B, S, R]``, a free
+    reshape), reducing across lanes once at the end. Per weight: ~1.3 integer instructions
+    (inline-PTX ``prmt`` code extraction), an FADD (magic-number float), an FMA for scale and
+    min, an FMA per row of x: ~5.5 instructions for Q4_K on sm_90 (SASS counted with Triton
+    3.6), inside the issue budget of 2.15 TB/s. Tensor cores would idle 15/16 of their rows.
+  * ``mma`` with small tiles (4 < M <= 64, batched decode) and large tiles (M > 64, prefill):
+    each loop step dequantizes ``block_k`` K elements of ``block_n`` rows (f32, then x.dtype)
+    and contracts them with ONE ``dot`` (``qtiles.join_runs`` interleaves the runs; x comes
+    pre-permuted by ``qtiles.permute_for_join``). One dot per step matters: Triton folds
+    ``acc + dot`` into the wgmma accumulator and overlaps the next step's dequantization with
+    it; a dot per run cost an accumulator add and a wgmma wait each. Prefill is
+    compute-bound; dequantization is paid once per W tile and amortised over ``block_m`` rows.
+  * Decode-sized grids are too small for 132 SMs (N=2048 is 32 tiles of 64 rows), so the K
+    range is **split** over a third grid axis; the f32 partial sums ``[split, M, N]`` are added
+    by XLA (which can fuse that sum into the consumer).
+- **Ragged N without masks.** The last N tile is shifted back to end at row N (it overlaps its
+  neighbour, whose rows it recomputes bit-identically), so no load or store is ever partial;
+  only N < 16 is padded. M is padded to the tile (x is tiny). K is always whole blocks.
+- **Grouped (MoE) variant** ``grouped_qmatmul(x, fmt, fields[E, N, K], expert_ids[T, k])``:
+  with few (token, choice) pairs (decode) the vector kernel runs one program row per pair,
+  reading the expert index from ``expert_ids``; with many, the pairs are sorted by expert and
+  ``ragged_qmatmul`` runs the mma kernel over (row tile, expert) *visits*: a tile that straddles
+  two experts is visited once per expert and each visit stores only its own rows (masked
+  store), so no per-expert padding is needed (at most ``E - 1`` extra visits).
+- Interpret mode (CPU) runs the same kernels with the pure-jnp code extraction instead of the
+  inline PTX (bit-identical by construction, tested against each other only on the GPU).
+
+Roofline, E4B shapes (batch-1 decode reads every weight byte once; 2.15 TB/s is the 80% target
+of the 2.69 TB/s copy ceiling; FLOPs per call = 2 M N K):
+
+=============  ==========  ==========  ==========  ================  ===================
+N x K          Q8_0 bytes  Q4_K bytes  Q6_K bytes  Q8_0 @2.15 TB/s   GFLOP at M = 2048
+=============  ==========  ==========  ==========  ================  ===================
+2048 x 2560    5.57 MB     2.95 MB     4.30 MB     2.6 us            21.5
+512 x 2560     1.39 MB     0.74 MB     1.08 MB     0.6 us            5.4
+2560 x 2048    5.57 MB     2.95 MB     4.30 MB     2.6 us            21.5
+10240 x 2560   27.9 MB     14.7 MB     21.5 MB     13.0 us           107
+2560 x 10240   27.9 MB     14.7 MB     21.5 MB     13.0 us           107
+262144 x 2560  713 MB      377 MB      551 MB      332 us            2749
+=============  ==========  ==========  ==========  ================  ===================
+
+The small projections (a few MB) take ~1-3 us at the bandwidth limit, comparable to a launch,
+so for them the split-K occupancy matters more than the inner loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat, qtiles
+
+__all__ = [
+    "BlockSizes",
+    "grouped_qmatmul",
+    "grouped_qmatmul_reference",
+    "qmatmul",
+    "qmatmul_reference",
+    "ragged_qmatmul",
+    "ragged_qmatmul_reference",
+]
+
+VECTOR_MAX_M = 4  # up to this many rows of x: the CUDA-core kernel
+DECODE_MAX_M = 64  # up to this: small mma tiles + split-K; above: prefill tiles
+GATHER_MAX_PAIRS = 16  # grouped: up to this many (token, choice) pairs, one vector row each
+# Programs a bandwidth-bound launch should have (132 SMs x a few resident programs each).
+_TARGET_PROGRAMS = 512
+_MIN_DOT = 16  # Triton dots need every dimension >= 16
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+    """Tile sizes; ``None`` picks the heuristic for the call's shapes (see ``resolve``).
+
+    Attributes:
+      kernel: ``"vector"`` (CUDA cores, tiny M) or ``"mma"`` (tensor cores).
+      block_m: rows of x per program (vector: rows sharing one pass over W, unrolled).
+      block_n: rows of W per program (a power of two >= 16).
+      block_k: K elements per loop step. vector: whole quant blocks, each run tile is
+        ``[block_n, block_k / B, R]``. mma: the K of each ``dot``; at least a quant block it
+        spans ``block_k / B`` blocks (all runs joined), below it ``block_k / R`` runs of one
+        block (``B / block_k`` dots per block).
+      split_k: K ranges per output tile (a grid axis; partial sums added by XLA).
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth of the K loop.
+    """
+
+    kernel: str | None = None
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
+    split_k: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def resolve(self, fmt: str, *, m: int, n: int, k: int, split: bool = True) -> BlockSizes:
+        """Fills every ``None`` for an ``[m, k] x [n, k]^T`` call (untuned H100 guesses, to be
+        swept by benchmarks/bench_qmatmul.py) and fits the given sizes to the shapes."""
+        spec = qtiles.get_format(fmt)
+        nb = k // spec.block
+        kernel = self.kernel or ("vector" if m <= VECTOR_MAX_M else "mma")
+        if kernel not in ("vector", "mma"):
+            raise ValueError(f"{kernel=} must be 'vector' or 'mma'")
+        if kernel == "vector":
+            bm = max(1, min(m, VECTOR_MAX_M))
+            bn, warps, stages = 64, 4, 3
+            # The f32 accumulators hold bm x [bn, block_k / S] elements: keep them at <= 64
+            # registers per thread (<= 256 K elements per step, at least one block).
+            bk = (64 * 32 * warps * spec.runs) // ((self.block_m or bm) * (self.block_n or bn))
+            bk = max(spec.block, min(256, _floor_pow2(bk)))
+        elif m <= DECODE_MAX_M:
+            bm = max(_MIN_DOT, _compat.next_pow2(m))
+            bn, bk, warps, stages = 64, 256, 4, 3
+        else:
+            # Shared memory per pipeline stage is about x [bm, K per step] + W's bytes; a
+            # K-quant step is a whole super-block (x: 64 KiB at bm=128), so 2 stages there
+            # and 3 for 32-blocks keep it under the H100's 227 KiB.
+            bm = 64 if m < 128 else 128
+            bn, bk, warps = 128, 128, 8
+            stages = 3 if spec.block == 32 else 2
+        bm = self.block_m or bm
+        bn = self.block_n or bn
+        if kernel == "mma" and (bm < _MIN_DOT or not _compat.is_pow2(bm)):
+            raise ValueError(f"mma {bm=} must be a power of two >= {_MIN_DOT}")
+        if bn < _MIN_DOT or not _compat.is_pow2(bn):
+            raise ValueError(f"{bn=} must be a power of two >= {_MIN_DOT}")
+        # A tile never exceeds N (the last tile is shifted back, see the module docstring).
+        bn = max(_MIN_DOT, min(bn, _floor_pow2(n)))
+        bk = self.block_k or bk
+        if not _compat.is_pow2(bk):
+            raise ValueError(f"block_k={bk} must be a power of two")
+        if kernel == "vector" or bk >= spec.block:
+            nblk = _fit_blocks(max(1, bk // spec.block), nb)
+            bk = nblk * spec.block
+        else:
+            bk = max(bk, spec.run)
+        steps = nb // max(1, bk // spec.block)
+        if self.split_k is not None:
+            sk = max(1, min(self.split_k, steps))
+        elif not split or m > DECODE_MAX_M:
+            sk = 1
+        else:
+            tiles = pl.cdiv(n, bn) * pl.cdiv(m, bm)
+            sk = max(1, min(steps, pl.cdiv(_TARGET_PROGRAMS, tiles)))
+        return BlockSizes(
+            kernel=kernel,
+            block_m=bm,
+            block_n=bn,
+            block_k=bk,
+            split_k=sk,
+            num_warps=self.num_warps or warps,
+            num_stages=self.num_stages or stages,
+        )
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _fit_blocks(nblk: int, nb: int) -> int:
+    """The largest power of two <= ``nblk`` that divides ``nb`` (blocks per loop step)."""
+    c = _floor_pow2(min(nblk, nb))
+    while nb % c:
+        c //= 2
+    return c
+
+
+def _k_layout(fmt: str, block_k: int) -> tuple[int, int]:
+    """(quant blocks per loop step, runs joined per dot) of a resolved mma ``block_k``."""
+    spec = qtiles.get_format(fmt)
+    if block_k >= spec.block:
+        return block_k // spec.block, spec.runs
+    return 1, block_k // spec.run
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+def _k_range(pid_s, *, steps: int, split: int):
+    """Loop bounds ``[lo, hi)`` over K steps of split ``pid_s`` (balanced integer split)."""
+    if split == 1:
+        return 0, steps
+    return lax.div(pid_s * steps, split), lax.div((pid_s + 1) * steps, split)
+
+
+def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm):
+    """CUDA-core matvec over one ``[bn]``-row tile of W and one K split.
+
+    refs (in order):
+      experts_ref: [P] int32 expert of each pair (grouped only)
+      xrow_ref: [P] int32 row of x of each pair (grouped only)
+      x_ref: [Mp, K/B, S, R] f32
+      *field refs: ``qtiles.field_views`` of W, ``[(E,) N, K/B, ...]``
+      o_ref: [split, Mp, N] f32 if split > 1 else [Mp, N] x.dtype
+    grid: (cdiv(N, bn), Mp / bm (pairs if grouped), split)
+    """
+    if grouped:
+        experts_ref, xrow_ref, x_ref, *w_refs, o_ref = refs
+    else:
+        x_ref, *w_refs, o_ref = refs
+    w_refs = dict(zip(names, w_refs, strict=True))
+    pid_n, pid_m, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n0 = jnp.minimum(pid_n * bn, n - bn)
+    rows = pl.ds(n0, bn)
+    if grouped:
+        lead = (experts_ref[pid_m], rows)
+        x_rows = [xrow_ref[pid_m]]
+        out_rows = [pid_m]
+    else:
+        lead = (rows,)
+        x_rows = out_rows = [pid_m * bm + i for i in range(bm)]
+    r = qtiles.get_format(fmt).run
+
+    def body(t, accs):
+        blocks = pl.ds(pl.multiple_of(t * nbk, nbk), nbk)
+        runs = qtiles.tile_runs(fmt, w_refs, (*lead, blocks), asm=asm)  # S x [bn, nbk, R]
+        accs = list(accs)
+        for j, w in enumerate(runs):
+            for i, xr in enumerate(x_rows):
+                accs[i] = accs[i] + w * x_ref[xr, blocks, j, :][None]  # x: [nbk, R]
+        return tuple(accs)
+
+    lo, hi = _k_range(pid_s, steps=steps, split=split)
+    zeros = jnp.zeros((bn, nbk, r), jnp.float32)
+    accs = lax.fori_loop(lo, hi, body, (zeros,) * len(x_rows))
+    for acc, orow in zip(accs, out_rows, strict=True):
+        y = acc.sum(axis=2).sum(axis=1)  # [bn]
+        if split > 1:
+            o_ref[pid_s, orow, rows] = y
+        else:
+            o_ref[orow, rows] = y.astype(o_ref.dtype)
+
+
+def _mma_kernel(*refs, fmt, names, bm, bn, nblk, group, n, steps, split, ragged, precision, asm):
+    """Tensor-core tile ``[bm, bn]`` of ``x @ W^T`` over one K split.
+
+    Each loop step dequantizes ``nblk`` quant blocks of ``bn`` rows of W and contracts them
+    with one ``dot`` per ``group`` runs (``qtiles.join_runs``; x arrives permuted to match):
+    a single dot per step lets Triton accumulate in the MMA registers and overlap the next
+    step's dequantization with the current wgmma.
+
+    refs (in order):
+      ragged only: nvis_ref [1] int32 (visits in use), tile_ref [V] int32 (row tile of each
+        visit), group_ref [V] int32 (expert of each visit), start_ref / end_ref [E] int32
+        (first / one-past-last sorted row of each expert)
+      x_ref: [Mp, K] in the dot dtype, ``qtiles.permute_for_join(x, fmt, group)``
+      *field refs: ``qtiles.field_views`` of W, ``[(E,) N, K/B, ...]``
+      o_ref: [split, Mp, N] f32 if split > 1 else [Mp, N] x.dtype
+    grid: (Mp / bm (visits if ragged), cdiv(N, bn), split)
+    """
+    if ragged:
+        nvis_ref, tile_ref, group_ref, start_ref, end_ref, x_ref, *w_refs, o_ref = refs
+    else:
+        x_ref, *w_refs, o_ref = refs
+    w_refs = dict(zip(names, w_refs, strict=True))
+    spec = qtiles.get_format(fmt)
+    pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n0 = jnp.minimum(pid_n * bn, n - bn)
+    rows = pl.ds(n0, bn)
+    dot_dtype = x_ref.dtype
+    kdot = nblk * group * spec.run  # K of one dot
+
+    def compute(m0, lead):
+        m_rows = pl.ds(m0, bm)
+
+        def body(t, acc):
+            blocks = pl.ds(pl.multiple_of(t * nblk, nblk), nblk) if nblk > 1 else t
+            for g in range(spec.runs // group):
+                runs = qtiles.tile_runs(
+                    fmt, w_refs, (*lead, blocks), asm=asm, runs=range(g * group, (g + 1) * group)
+                )  # group x [bn, (nblk,) R] f32
+                w = qtiles.join_runs(runs).astype(dot_dtype)  # [bn, kdot]
+                k0 = pl.multiple_of(t * (nblk * spec.block) + g * kdot, kdot)
+                xk = x_ref[m_rows, pl.ds(k0, kdot)]  # [bm, kdot]
+                acc += lax.dot_general(
+                    xk,
+                    w,
+                    (((1,), (1,)), ((), ())),
+                    precision=precision,
+                    preferred_element_type=jnp.float32,
+                )  # [bm, bn]
+            return acc
+
+        lo, hi = _k_range(pid_s, steps=steps, split=split)
+        return lax.fori_loop(lo, hi, body, jnp.zeros((bm, bn), jnp.float32))
+
+    if not ragged:
+        m0 = pid_m * bm
+        acc = compute(m0, (rows,))
+        if split > 1:
+            o_ref[pid_s, pl.ds(m0, bm), rows] = acc
+        else:
+            o_ref[pl.ds(m0, bm), rows] = acc.astype(o_ref.dtype)
+        return
+
+    @pl.when(pid_m < nvis_ref[0])
+    def _():
+        g = group_ref[pid_m]
+        m0 = tile_ref[pid_m] * bm
+        acc = compute(m0, (g, rows))
+        r = m0 + lax.broadcasted_iota(jnp.int32, (bm,), 0)
+        mine = (r >= start_ref[g]) & (r < end_ref[g])  # rows of this visit's expert
+        _compat.store(o_ref.at[pl.ds(m0, bm), rows], acc.astype(o_ref.dtype), mask=mine[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
+    if a.shape[axis] == size:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, size - a.shape[axis])
+    return jnp.pad(a, pad)
+
+
+def _prepare_w(fmt, fields, n_axis: int):
+    """Field views, padded to 16 rows when N < 16 (the smallest tile)."""
+    views = qtiles.field_views(fmt, fields)
+    n = views["d"].shape[n_axis]
+    if n < _MIN_DOT:
+        views = {k: _pad_axis(v, n_axis, _MIN_DOT) for k, v in views.items()}
+    return views, max(n, _MIN_DOT)
+
+
+def _use_asm(interpret: bool, run_tile: int, num_warps: int) -> bool:
+    """Inline PTX exists only in compiled kernels, and packs 4 bytes per thread: a run tile
+    must give every thread a multiple of 4 elements (tiny tiles use the jnp extraction)."""
+    return not interpret and run_tile % (4 * 32 * num_warps) == 0
+
+
+def _dot_dtype(dtype):
+    return dtype if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else jnp.float32
+
+
+def _x_view(x2, fmt, rows: int, dtype):
+    spec = qtiles.get_format(fmt)
+    x2 = _pad_axis(x2, 0, rows).astype(dtype)
+    return x2.reshape(rows, x2.shape[1] // spec.block, spec.runs, spec.run)
+
+
+def _finish(y, split: int, dtype):
+    return y.sum(axis=0).astype(dtype) if split > 1 else y
+
+
+def _vector_call(x2, fmt, views, n, bs, interpret, *, experts=None, x_rows=None):
+    spec = qtiles.get_format(fmt)
+    k = x2.shape[1]
+    nb = k // spec.block
+    grouped = experts is not None
+    if grouped:
+        bm, m_programs = 1, experts.shape[0]
+        mp = x2.shape[0]
+        pre = [experts.astype(jnp.int32), x_rows.astype(jnp.int32)]
+        rows_out = m_programs
+    else:
+        bm = bs.block_m
+        m_programs = pl.cdiv(x2.shape[0], bm)
+        mp = rows_out = m_programs * bm
+        pre = []
+    xv = _x_view(x2, fmt, mp, jnp.float32)
+    split, nbk = bs.split_k, bs.block_k // spec.block
+    out_shape = (split, rows_out, n) if split > 1 else (rows_out, n)
+    out_dtype = jnp.float32 if split > 1 else x2.dtype
+    kernel = functools.partial(
+        _vector_kernel,
+        fmt=fmt,
+        names=tuple(views),
+        bm=bm,
+        bn=bs.block_n,
+        nbk=nbk,
+        n=n,
+        steps=nb // nbk,
+        split=split,
+        grouped=grouped,
+        asm=_use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps),
+    )
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=(pl.cdiv(n, bs.block_n), m_programs, split),
+        compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name=f"qmatmul_vector_{fmt.lower()}",
+    )(*pre, xv, *views.values())
+    return _finish(y, split, x2.dtype)
+
+
+def _mma_call(x2, fmt, views, n, bs, interpret, *, ragged=None):
+    spec = qtiles.get_format(fmt)
+    k = x2.shape[1]
+    nb = k // spec.block
+    bm, bn, split = bs.block_m, bs.block_n, bs.split_k
+    nblk, group = _k_layout(fmt, bs.block_k)
+    m_tiles = pl.cdiv(x2.shape[0], bm)
+    dot_dtype = _dot_dtype(x2.dtype)
+    xp = qtiles.permute_for_join(_pad_axis(x2, 0, m_tiles * bm).astype(dot_dtype), fmt, group)
+    if ragged is not None:
+        pre = list(ragged)
+        m_programs = pre[1].shape[0]  # visits
+        split = 1
+    else:
+        pre = []
+        m_programs = m_tiles
+    out_shape = (split, m_tiles * bm, n) if split > 1 else (m_tiles * bm, n)
+    out_dtype = jnp.float32 if split > 1 else x2.dtype
+    kernel = functools.partial(
+        _mma_kernel,
+        fmt=fmt,
+        names=tuple(views),
+        bm=bm,
+        bn=bn,
+        nblk=nblk,
+        group=group,
+        n=n,
+        steps=nb // nblk,
+        split=split,
+        ragged=ragged is not None,
+        precision=_compat.dot_precision(dot_dtype),
+        asm=_use_asm(interpret, bn * nblk * spec.run, bs.num_warps),
+    )
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=(m_programs, pl.cdiv(n, bn), split),
+        compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name=f"qmatmul_{'ragged' if ragged is not None else 'mma'}_{fmt.lower()}",
+    )(*pre, xp, *views.values())
+    return _finish(y, split, x2.dtype)
+
+
+def _check_x(x, k: int):
+    if x.shape[-1] != k:
+        raise ValueError(f"{x.shape=} does not contract with a weight of K={k}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("fmt", "interpret", "block_sizes"))
+def qmatmul(
+    x: jax.Array,
+    fmt: str,
+    fields: dict[str, jax.Array],
+    *,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """``x[..., K] @ W[N, K]^T -> [..., N]`` in ``x.dtype`` (f32 accumulation).
+
+    Args:
+      x: activations, f32 / bf16 / f16, any leading shape (flattened to M rows).
+      fmt: ggml type name, one of ``qtiles.FORMATS``.
+      fields: the weight's LAYOUT.md field arrays (2-D: ``[N, ...]``).
+      interpret: run the kernels in the Pallas interpreter (CPU).
+      block_sizes: overrides of the tile heuristic.
+    """
+    lead, n, k = qtiles.check_fields(fmt, fields)
+    if lead:
+        raise ValueError(f"qmatmul needs a 2-D weight, got leading axes {lead}")
+    _check_x(x, k)
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    views, n_pad = _prepare_w(fmt, fields, 0)
+    bs = (block_sizes or BlockSizes()).resolve(fmt, m=m, n=n_pad, k=k)
+    with jax.named_scope(f"qmatmul_{fmt}"):
+        if bs.kernel == "vector":
+            y = _vector_call(x2, fmt, views, n_pad, bs, interpret)
+        else:
+            y = _mma_call(x2, fmt, views, n_pad, bs, interpret)
+    return y[:m, :n].reshape(*x.shape[:-1], n)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "interpret", "block_sizes"))
+def ragged_qmatmul(
+    x: jax.Array,
+    fmt: str,
+    fields: dict[str, jax.Array],
+    group_sizes: jax.Array,
+    *,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """Rows sorted by expert: ``x[R, K]``, ``W[E, N, K]``, ``group_sizes[E]`` -> ``[R, N]``.
+
+    Rows ``sum(group_sizes[:e]) ..`` use expert ``e``; ``sum(group_sizes)`` must equal R (rows
+    past it are left unwritten). Always the mma kernel: the grid walks (row tile, expert) visits
+    (``R / block_m + min(E, R) - 1`` of them at most; unused ones exit at once).
+    """
+    lead, n, k = qtiles.check_fields(fmt, fields)
+    if len(lead) != 1:
+        raise ValueError(f"ragged_qmatmul needs a weight [E, N, K], got leading axes {lead}")
+    (e,) = lead
+    _check_x(x, k)
+    if x.ndim != 2 or group_sizes.shape != (e,):
+        raise ValueError(f"need x[R, K] and group_sizes[{e}], got {x.shape}, {group_sizes.shape}")
+    r = x.shape[0]
+    views, n_pad = _prepare_w(fmt, fields, 1)
+    base = block_sizes or BlockSizes()
+    if base.block_m is None:
+        # Average rows per expert picks the row tile (decode batches: a few rows each).
+        avg = max(1, r // e)
+        base = dataclasses.replace(base, block_m=min(128, max(_MIN_DOT, _compat.next_pow2(avg))))
+    bs = dataclasses.replace(base, kernel="mma").resolve(fmt, m=r, n=n_pad, k=k, split=False)
+    bm = bs.block_m
+    m_tiles = pl.cdiv(r, bm)
+    n_visits = m_tiles + min(e, r) - 1
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first = starts // bm
+    count = jnp.where(sizes > 0, (ends - 1) // bm - first + 1, 0)  # row tiles of each expert
+    cum = jnp.cumsum(count)
+    v = jnp.arange(n_visits, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(cum, v, side="right"), e - 1).astype(jnp.int32)
+    tile = jnp.clip(first[group] + v - (cum[group] - count[group]), 0, m_tiles - 1)
+    ragged = (cum[-1:], tile.astype(jnp.int32), group, starts, ends)
+    with jax.named_scope(f"ragged_qmatmul_{fmt}"):
+        y = _mma_call(x, fmt, views, n_pad, bs, interpret, ragged=ragged)
+    return y[:r, :n]
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "interpret", "block_sizes"))
+def grouped_qmatmul(
+    x: jax.Array,
+    fmt: str,
+    fields: dict[str, jax.Array],
+    expert_ids: jax.Array,
+    *,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """Per-choice expert projection: ``x[T, K]`` (shared by the k choices) or ``x[T, k, K]``
+    (one input per choice), ``W[E, N, K]``, ``expert_ids[T, k]`` -> ``[T, k, N]``.
+
+    Up to ``GATHER_MAX_PAIRS`` pairs: the vector kernel, one program row per pair. Beyond:
+    pairs sorted by expert (stable), ``ragged_qmatmul``, unsorted. Pass 2-D ``x`` when the
+    choices share it: that avoids materialising ``T * k`` copies for the kernel.
+    """
+    lead, n, k = qtiles.check_fields(fmt, fields)
+    if len(lead) != 1:
+        raise ValueError(f"grouped_qmatmul needs a weight [E, N, K], got leading axes {lead}")
+    (e,) = lead
+    _check_x(x, k)
+    t, kc = expert_ids.shape
+    pairs = t * kc
+    if x.ndim == 2 and x.shape[0] == t:
+        x2 = x
+        x_rows = jnp.arange(pairs, dtype=jnp.int32) // kc
+    elif x.shape[:-1] == (t, kc):
+        x2 = x.reshape(pairs, k)
+        x_rows = jnp.arange(pairs, dtype=jnp.int32)
+    else:
+        raise ValueError(f"x {x.shape} matches neither [T, K] nor [T, k, K] for ids {(t, kc)}")
+    experts = expert_ids.reshape(pairs).astype(jnp.int32)
+    bs = block_sizes or BlockSizes()
+    use_vector = bs.kernel == "vector" or (bs.kernel is None and pairs <= GATHER_MAX_PAIRS)
+    if use_vector:
+        views, n_pad = _prepare_w(fmt, fields, 1)
+        bs = dataclasses.replace(bs, kernel="vector", block_m=1)  # one program row per pair
+        bs = bs.resolve(fmt, m=pairs, n=n_pad, k=k)
+        with jax.named_scope(f"grouped_qmatmul_{fmt}"):
+            y = _vector_call(x2, fmt, views, n_pad, bs, interpret, experts=experts, x_rows=x_rows)
+        return y[:, :n].reshape(t, kc, n)
+    order = jnp.argsort(experts, stable=True)
+    xs = x2[x_rows[order]]
+    sizes = jnp.zeros((e,), jnp.int32).at[experts].add(1)
+    ys = ragged_qmatmul(xs, fmt, fields, sizes, interpret=interpret, block_sizes=block_sizes)
+    y = jnp.zeros_like(ys).at[order].set(ys)
+    return y.reshape(t, kc, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------
+def _ref_dot(subscripts, x, w):
+    # As gemma4_jax.quant.matmul_reference: the weight rounded once to x.dtype, f32 accumulate.
+    return jnp.einsum(
+        subscripts,
+        x,
+        w.astype(x.dtype),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    ).astype(x.dtype)
+
+
+def qmatmul_reference(x: jax.Array, fmt: str, fields: dict[str, jax.Array]) -> jax.Array:
+    """``x @ dequantize(W)^T`` in pure jnp (dequantization bit-identical to gguf)."""
+    return _ref_dot("...k,nk->...n", x, qtiles.dequantize(fmt, fields))
+
+
+def grouped_qmatmul_reference(x, fmt, fields, expert_ids):
+    """``y[t, c] = x[t(, c)] @ dequantize(W[expert_ids[t, c]])^T``."""
+    w = qtiles.dequantize(fmt, fields)  # [E, N, K]
+    if x.ndim == 2:
+        x = jnp.broadcast_to(x[:, None, :], (*expert_ids.shape, x.shape[-1]))
+    if expert_ids.size <= w.shape[0]:  # few pairs: gather their experts
+        return _ref_dot("tck,tcnk->tcn", x, w[expert_ids])
+    y = _ref_dot("tck,enk->tcen", x, w)  # every expert, then pick (no [T, k, N, K] gather)
+    return jnp.take_along_axis(y, expert_ids[:, :, None, None], axis=2)[:, :, 0]
+
+
+def ragged_qmatmul_reference(x, fmt, fields, group_sizes):
+    """Row ``r`` of ``x`` (sorted by expert) times its expert's weight."""
+    ends = jnp.cumsum(group_sizes)
+    g = jnp.searchsorted(ends, jnp.arange(x.shape[0]), side="right")
+    g = jnp.minimum(g, group_sizes.shape[0] - 1)
+    y = _ref_dot("rk,enk->ren", x, qtiles.dequantize(fmt, fields))  # [R, E, N]
+    return jnp.take_along_axis(y, g[:, None, None], axis=1)[:, 0]

@@ -1,0 +1,432 @@
+"""pallas_kernels.qmatmul against its jnp reference, and the reference against gguf-py.
+
+``TestQMatmul`` runs the kernels in interpret mode on the CPU over small shapes that are not
+multiples of the tiles (N = 200 / 520, K = a few quant blocks); its ``...Gpu`` twin (marked
+``gpu``, skipped without a CUDA device) compiles the same kernels at the E4B / 26B-A4B shapes.
+Field data is random: every packed bit random, scales finite random f16.
+
+Tolerances are relative to the largest |reference| value of the case:
+- f32 x: the kernels' f32 weights are bit-identical to the reference's, so only the summation
+  order differs (~1e-6).
+- bf16 x: the reference rounds the weights to bf16 as the mma kernel does; the vector kernel
+  keeps them in f32, and the output is rounded to bf16 (2**-8 relative): 1e-2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import qmatmul as qm
+from pallas_kernels import qtiles
+
+FORMATS = tuple(qtiles.FORMATS)
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Random data
+# ---------------------------------------------------------------------------------------------
+def _scales(rng, shape) -> np.ndarray:
+    """Finite f16 scales of either sign over two decades (so bf16 rounding of d*q matters)."""
+    mag = 2.0 ** rng.uniform(-9, -3, shape)
+    return (mag * rng.choice([-1.0, 1.0], shape)).astype(np.float16)
+
+
+def random_fields(fmt: str, lead: tuple[int, ...], n: int, k: int, seed: int = 0) -> dict:
+    """LAYOUT.md fields of a random ``[*lead, N, K]`` weight (jnp arrays)."""
+    rng = np.random.default_rng(seed)
+    spec = qtiles.FORMATS[fmt]
+    nb = k // spec.block
+    out = {}
+    for name, (dtype, per_block, _) in spec.fields.items():
+        shape = (*lead, n, nb * per_block)
+        if jnp.dtype(dtype) == jnp.float16:
+            a = _scales(rng, shape)
+        elif name in ("sc", "m") and fmt in ("Q4_K", "Q5_K"):
+            a = rng.integers(0, 64, shape, dtype=np.uint8)  # 6-bit, as unpacked by quant.py
+        else:
+            a = rng.integers(0, 256, shape, dtype=np.uint8).view(jnp.dtype(dtype))
+        out[name] = jnp.asarray(a)
+    return out
+
+
+def random_x(shape, dtype, seed: int = 1) -> jax.Array:
+    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32).astype(dtype)
+
+
+def random_raw_blocks(fmt: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Raw ggml bytes ``[N, bytes per row]``: random bits, f16 scale slots set to finite values."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    rng = np.random.default_rng(seed)
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
+    b = rng.integers(0, 256, (n, k // block, type_size), dtype=np.uint8)
+    offsets = {"Q8_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[fmt]
+    for off in offsets:
+        b[..., off : off + 2] = _scales(rng, b.shape[:-1]).view(np.uint8).reshape(*b.shape[:-1], 2)
+    return b.reshape(n, -1)
+
+
+def repack(raw: np.ndarray, fmt: str, n: int, k: int) -> dict:
+    """Raw blocks -> LAYOUT.md fields, with the model's own loader code."""
+    from gguf import GGMLQuantizationType
+
+    from gemma4_jax import quant
+
+    t = quant.from_gguf(raw, GGMLQuantizationType[fmt], (n, k))
+    return {f.name: jnp.asarray(getattr(t, f.name)) for f in dataclasses.fields(t)}
+
+
+def _close(out, ref, dtype, what=""):
+    assert out.shape == ref.shape, (what, out.shape, ref.shape)
+    assert out.dtype == ref.dtype, (what, out.dtype, ref.dtype)
+    out = np.asarray(out.astype(jnp.float32))
+    ref = np.asarray(ref.astype(jnp.float32))
+    assert np.isfinite(out).all(), what
+    scale = float(np.abs(ref).max()) or 1.0
+    err = float(np.abs(out - ref).max()) / scale
+    assert err <= TOL[dtype], f"{what}: max error {err:.3g} x max|ref| > {TOL[dtype]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference and the tile code against gguf-py (no Pallas)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reference_matches_gguf(fmt):
+    """qmatmul_reference == x @ gguf.quants.dequantize(raw)^T, dequantization bit-exact."""
+    gguf = pytest.importorskip("gguf")  # not installed on the GPU machine
+    n, k = 24, 2 * qtiles.FORMATS[fmt].block
+    raw = random_raw_blocks(fmt, n, k, seed=3)
+    fields = repack(raw, fmt, n, k)
+    w_gguf = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt]).reshape(n, k)
+    w = np.asarray(qtiles.dequantize(fmt, fields))
+    np.testing.assert_array_equal(w.view(np.uint32), w_gguf.astype(np.float32).view(np.uint32))
+    x = np.asarray(random_x((3, k), jnp.float32))
+    ref = np.asarray(qm.qmatmul_reference(jnp.asarray(x), fmt, fields))
+    want = x.astype(np.float64) @ w_gguf.astype(np.float64).T
+    np.testing.assert_allclose(ref, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tile_runs_are_bit_exact(fmt):
+    """The in-kernel dequantization (run by run, magic-number floats) == the reference."""
+    spec = qtiles.FORMATS[fmt]
+    n, k = 8, 3 * spec.block
+    fields = random_fields(fmt, (), n, k, seed=5)
+    runs = qtiles.tile_runs(fmt, qtiles.field_views(fmt, fields), (slice(None), slice(None)))
+    assert len(runs) == spec.runs
+    w = jnp.stack(runs, axis=-2).reshape(n, k)  # [N, K/B, S, R] -> [N, K]
+    ref = qtiles.dequantize(fmt, fields)
+    np.testing.assert_array_equal(np.asarray(w).view(np.uint32), np.asarray(ref).view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_joined_runs_match_permuted_x(fmt):
+    """join_runs(W runs) . permute_for_join(x) == x . W for every group size (the mma layout)."""
+    spec = qtiles.FORMATS[fmt]
+    n, nb = 8, 2
+    k = nb * spec.block
+    fields = random_fields(fmt, (), n, k, seed=7)
+    views = qtiles.field_views(fmt, fields)
+    x = random_x((3, k), jnp.float32)
+    ref = np.asarray(x, np.float64) @ np.asarray(qtiles.dequantize(fmt, fields), np.float64).T
+    group = 1
+    while group <= spec.runs:
+        tiles = [
+            qtiles.join_runs(
+                qtiles.tile_runs(fmt, views, (slice(None), b), runs=range(g, g + group))
+            )
+            for b in range(nb)
+            for g in range(0, spec.runs, group)
+        ]
+        w = np.concatenate([np.asarray(t, np.float64) for t in tiles], axis=1)  # [N, K]
+        xp = np.asarray(qtiles.permute_for_join(x, fmt, group), np.float64)
+        np.testing.assert_allclose(xp @ w.T, ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max())
+        group *= 2
+
+
+def _run_ptx(text: str, regs: dict[str, int]) -> dict[str, int]:
+    """Executes the straight-line PTX subset ``codes_ptx`` emits on 32-bit registers."""
+    m32 = 0xFFFFFFFF
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *src = [a.strip() for a in rest.split(",")]
+        v = [regs[a] if a in regs else int(a, 0) for a in src]
+        if op == "mov.b32":
+            r = v[0]
+        elif op == "and.b32":
+            r = v[0] & v[1]
+        elif op == "or.b32":
+            r = v[0] | v[1]
+        elif op == "xor.b32":
+            r = v[0] ^ v[1]
+        elif op == "shl.b32":
+            r = (v[0] << v[1]) & m32
+        elif op == "shr.b32":
+            r = v[0] >> v[1]  # logical: operands are unsigned here
+        elif op == "prmt.b32":  # default mode: bytes {b, a} = 7..4, 3..0
+            pool = (v[1] << 32 | v[0]).to_bytes(8, "little")
+            r = 0
+            for i in range(4):
+                sel = (v[2] >> 4 * i) & 0xF
+                byte = pool[sel & 7]
+                if sel & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                r |= byte << 8 * i
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+        regs[d] = r & m32
+    return regs
+
+
+@pytest.mark.parametrize(
+    "nibble, high, signed",
+    [(None, None, True), (0, None, False), (1, None, False)]
+    + [(s, (4 - j, 0x10), False) for j in range(8) for s in (0, 1)]  # Q5_K fifth bit j
+    + [(r // 2, (4 - 2 * r, 0x30), False) for r in range(4)],  # Q6_K bits 2r, 2r+1
+)
+def test_code_extraction_ptx_matches_jnp(nibble, high, signed):
+    """The inline PTX of the compiled kernels (run here by a tiny PTX interpreter) produces the
+    same float codes as the jnp path interpret mode uses, for every byte value."""
+    rng = np.random.default_rng(0)
+    text = qtiles.codes_ptx(nibble, high)
+    q = rng.integers(0, 256, (64, 4), dtype=np.uint8)
+    q[0] = [0, 255, 128, 127]
+    qh = rng.integers(0, 256, (64, 4), dtype=np.uint8)
+    qa = q.view(np.int8) if signed else q
+    hi = None if high is None else (jnp.asarray(qh), *high)
+    want = np.asarray(qtiles._codes(jnp.asarray(qa), bias=0, nibble=nibble, high=hi, asm=False))
+    for row in range(q.shape[0]):
+        regs = {"$4": int.from_bytes(q[row].tobytes(), "little")}
+        regs["$5"] = int.from_bytes(qh[row].tobytes(), "little")
+        out = _run_ptx(text, regs)
+        got = np.array([out[f"${i}"] for i in range(4)], np.uint32).view(np.float32) - 2.0**23
+        np.testing.assert_array_equal(got, want[row], err_msg=f"bytes {q[row]}, {qh[row]}")
+
+
+def _lower_for_cuda(fn, *args):
+    """Pallas -> Triton IR lowering for CUDA, which runs without a GPU (catches unsupported
+    ops, non-power-of-two tiles, bad inline asm operands) before any GPU time is spent."""
+    try:
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    except ImportError as e:  # a jaxlib without the Triton dialect bindings
+        pytest.skip(f"no Triton lowering here: {e}")
+
+
+def _abstract_fields(fmt, lead, n, k):
+    spec = qtiles.FORMATS[fmt]
+    nb = k // spec.block
+    return {
+        name: jax.ShapeDtypeStruct((*lead, n, nb * per), dt)
+        for name, (dt, per, _) in spec.fields.items()
+    }
+
+
+@pytest.mark.parametrize("m", [1, 8, 512])  # vector, decode mma + split-K, prefill mma
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_lowers_for_cuda(fmt, m):
+    f = _abstract_fields(fmt, (), 2048, 2560)
+    x = jax.ShapeDtypeStruct((m, 2560), jnp.bfloat16)
+    _lower_for_cuda(lambda x, f: qm.qmatmul(x, fmt, f), x, f)
+
+
+@pytest.mark.parametrize("t", [1, 32])  # gathered vector rows; sorted + ragged mma
+def test_grouped_lowers_for_cuda(t):
+    f = _abstract_fields("Q4_K", (128,), 1408, 2816)
+    x = jax.ShapeDtypeStruct((t, 2816), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((t, 8), jnp.int32)
+    _lower_for_cuda(lambda x, f, i: qm.grouped_qmatmul(x, "Q4_K", f, i), x, f, ids)
+
+
+def test_field_validation():
+    fields = random_fields("Q4_K", (), 16, 256)
+    with pytest.raises(ValueError, match="needs fields"):
+        qm.qmatmul(jnp.zeros((1, 256)), "Q4_K", {"qs": fields["qs"]}, interpret=True)
+    bad = dict(fields, sc=fields["sc"][:, :4])
+    with pytest.raises(ValueError, match="Q4_K.sc"):
+        qm.qmatmul(jnp.zeros((1, 256)), "Q4_K", bad, interpret=True)
+    with pytest.raises(ValueError, match="does not contract"):
+        qm.qmatmul(jnp.zeros((1, 128)), "Q4_K", fields, interpret=True)
+    with pytest.raises(ValueError, match="not one of"):
+        qm.qmatmul(jnp.zeros((1, 256)), "Q3_K", fields, interpret=True)
+
+
+def test_block_size_resolution():
+    r = qm.BlockSizes().resolve
+    assert r("Q8_0", m=1, n=2048, k=2560).kernel == "vector"
+    assert r("Q8_0", m=5, n=2048, k=2560).kernel == "mma"
+    dec = r("Q4_K", m=32, n=2048, k=2560)
+    assert dec.block_m == 32 and dec.split_k > 1
+    pre = r("Q4_K", m=2048, n=2048, k=2560)
+    assert (pre.block_m, pre.block_n, pre.split_k) == (128, 128, 1)
+    assert r("Q8_0", m=1, n=200, k=2560).block_n <= 128  # never wider than N
+    # K = 22 blocks of 32 (26B expert down-projection): vector steps must divide it.
+    v = r("Q8_0", m=1, n=2816, k=704)
+    nblk = v.block_k // 32
+    assert 22 % nblk == 0 and nblk & (nblk - 1) == 0
+    # mma below a super-block: block_k = 64 joins 2 runs of 32 per dot
+    assert (
+        r(
+            "Q4_K",
+            m=512,
+            n=2048,
+            k=2560,
+        ).block_k
+        == 128
+    )
+    assert qm.BlockSizes(block_k=64).resolve("Q6_K", m=512, n=2048, k=2560).block_k == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (interpret mode here; the GPU twin below compiles them)
+# ---------------------------------------------------------------------------------------------
+class TestQMatmul:
+    interpret = True
+    # (N, blocks of K): N not a multiple of any tile, K a few quant blocks.
+    decode_shape = (200, 3)
+    prefill_shape = (520, 2)
+
+    def _check(self, fmt, m, n, nblocks, dtype, block_sizes=None, seed=0):
+        k = nblocks * qtiles.FORMATS[fmt].block
+        fields = random_fields(fmt, (), n, k, seed=seed)
+        x = random_x((m, k), dtype, seed=seed + 1)
+        out = qm.qmatmul(x, fmt, fields, interpret=self.interpret, block_sizes=block_sizes)
+        ref = qm.qmatmul_reference(x, fmt, fields)
+        _close(out, ref, dtype, f"{fmt} M={m} N={n} K={k} {jnp.dtype(dtype).name}")
+
+    @pytest.mark.parametrize(
+        "m, dtype",
+        [
+            (1, jnp.float32),
+            (1, jnp.bfloat16),
+            (5, jnp.float32),
+            (64, jnp.float32),
+            (64, jnp.bfloat16),
+        ],
+    )
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_decode(self, fmt, m, dtype):
+        self._check(fmt, m, *self.decode_shape, dtype)
+
+    @pytest.mark.parametrize(
+        "m, dtype", [(128, jnp.float32), (200, jnp.float32), (200, jnp.bfloat16)]
+    )
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_prefill(self, fmt, m, dtype):
+        self._check(fmt, m, *self.prefill_shape, dtype)
+
+    @pytest.mark.parametrize(
+        "fmt, m, block_sizes",
+        [
+            # vector kernel: several x rows per program, uneven K split (5 steps over 3 splits)
+            ("Q8_0", 3, qm.BlockSizes(block_m=2, block_n=32, block_k=32, split_k=3)),
+            ("Q6_K", 2, qm.BlockSizes(kernel="vector", block_n=16, split_k=2)),
+            # mma kernel: forced at M=1, with a K split; prefill tiles at small M
+            ("Q4_0", 1, qm.BlockSizes(kernel="mma", block_k=64, split_k=2)),
+            ("Q5_K", 40, qm.BlockSizes(block_m=16, block_n=32, split_k=5)),
+            # mma dots below a super-block: 2 runs per dot, 1 run per dot
+            ("Q6_K", 20, qm.BlockSizes(block_k=64, split_k=2)),
+            ("Q4_K", 130, qm.BlockSizes(block_k=32)),
+        ],
+    )
+    def test_block_size_overrides(self, fmt, m, block_sizes):
+        self._check(fmt, m, 72, 5, jnp.float32, block_sizes=block_sizes)
+
+    @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
+    def test_tiny_n_and_leading_axes(self, fmt):
+        k = 2 * qtiles.FORMATS[fmt].block
+        fields = random_fields(fmt, (), 5, k)  # N < 16: padded to one tile
+        x = random_x((2, 3, k), jnp.float32)
+        out = qm.qmatmul(x, fmt, fields, interpret=self.interpret)
+        assert out.shape == (2, 3, 5)
+        _close(out, qm.qmatmul_reference(x, fmt, fields), jnp.float32, fmt)
+
+    @pytest.mark.parametrize(
+        "fmt, t, k, x3, dtype",
+        [(f, 1, 4, False, jnp.float32) for f in FORMATS]  # batch-1 decode: a vector row per pair
+        + [(f, 24, 3, False, jnp.float32) for f in FORMATS]  # 72 pairs: sorted + ragged mma
+        + [
+            ("Q8_0", 3, 2, True, jnp.bfloat16),  # one input per choice
+            ("Q4_K", 3, 2, True, jnp.bfloat16),
+            ("Q8_0", 20, 2, True, jnp.bfloat16),
+            ("Q6_K", 20, 2, True, jnp.bfloat16),
+        ],
+    )
+    def test_grouped(self, fmt, t, k, x3, dtype):
+        e, n = 6, 40
+        kk = 2 * qtiles.FORMATS[fmt].block
+        fields = random_fields(fmt, (e,), n, kk, seed=t)
+        ids = jax.random.randint(jax.random.PRNGKey(t), (t, k), 0, e)
+        x = random_x((t, k, kk) if x3 else (t, kk), dtype)
+        out = qm.grouped_qmatmul(x, fmt, fields, ids, interpret=self.interpret)
+        ref = qm.grouped_qmatmul_reference(x, fmt, fields, ids)
+        _close(out, ref, dtype, f"grouped {fmt} T={t} k={k}")
+
+    def test_ragged_empty_and_straddling_groups(self):
+        fmt, e, n, k = "Q8_0", 7, 48, 64
+        fields = random_fields(fmt, (e,), n, k)
+        sizes = jnp.array([0, 19, 1, 0, 0, 33, 3], jnp.int32)  # empty experts, tiles shared
+        x = random_x((int(sizes.sum()), k), jnp.float32)
+        bs = qm.BlockSizes(block_m=16)
+        out = qm.ragged_qmatmul(x, fmt, fields, sizes, interpret=self.interpret, block_sizes=bs)
+        ref = qm.ragged_qmatmul_reference(x, fmt, fields, sizes)
+        _close(out, ref, jnp.float32, "ragged")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU twins: compiled kernels at real shapes
+# ---------------------------------------------------------------------------------------------
+E4B_SHAPES = [(2048, 2560), (10240, 2560), (2560, 10240)]  # attention q, FFN up, FFN down
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU (compiled Pallas kernels)")
+class TestQMatmulGpu(TestQMatmul):
+    interpret = False
+
+    @pytest.mark.parametrize(
+        "m, dtype",
+        [
+            (1, jnp.float32),
+            (1, jnp.bfloat16),
+            (3, jnp.bfloat16),
+            (32, jnp.bfloat16),
+            (512, jnp.bfloat16),
+        ],
+    )
+    @pytest.mark.parametrize("n, k", E4B_SHAPES)
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_e4b_shapes(self, fmt, n, k, m, dtype):
+        fields = random_fields(fmt, (), n, k, seed=n + k)
+        x = random_x((m, k), dtype)
+        out = qm.qmatmul(x, fmt, fields, interpret=False)
+        _close(out, qm.qmatmul_reference(x, fmt, fields), dtype, f"{fmt} {m}x{n}x{k}")
+
+    @pytest.mark.parametrize("t", [1, 4, 256])
+    @pytest.mark.parametrize(
+        "fmt, n, k",
+        [("Q8_0", 1408, 2816), ("Q4_K", 1408, 2816), ("Q6_K", 1408, 2816), ("Q8_0", 2816, 704)],
+    )
+    def test_26b_experts(self, fmt, n, k, t):
+        e, top = 128, 8
+        fields = random_fields(fmt, (e,), n, k, seed=t)
+        ids = jax.random.randint(jax.random.PRNGKey(t), (t, top), 0, e)
+        x = random_x((t, k), jnp.bfloat16)
+        out = qm.grouped_qmatmul(x, fmt, fields, ids, interpret=False)
+        ref = qm.grouped_qmatmul_reference(x, fmt, fields, ids)
+        _close(out, ref, jnp.bfloat16, f"26B {fmt} T={t}")
