@@ -365,7 +365,8 @@ class ChatSession:
         self.stops = set(model.config.stop_ids)
         self.conv = Conversation.from_tokenizer(self.tok, enable_thinking=think, system=system)
         self.cache = None
-        self.pos = 0  # positions held by the cache
+        self.ids: list[int] = []  # the tokens the cache holds (self.pos of them)
+        self.pos = 0
         self.logits = None  # of the next token
         self.prefills = 0  # for tests and the status line
         self.fed = 0
@@ -375,7 +376,7 @@ class ChatSession:
 
         think = self.conv.enable_thinking
         self.conv = Conversation.from_tokenizer(self.tok, enable_thinking=think, system=self.system)
-        self.cache, self.pos, self.logits = None, 0, None
+        self.cache, self.ids, self.pos, self.logits = None, [], 0, None
 
     def _prefill(self, ids: list[int]) -> None:
         import numpy as np
@@ -387,7 +388,7 @@ class ChatSession:
         padded[0, : len(ids)] = ids
         cache = init_cache(self.params, 1, self.max_len)
         self.logits, self.cache = prefill(self.params, padded, cache, [len(ids)])
-        self.pos = len(ids)
+        self.ids, self.pos = list(ids), len(ids)
         self.prefills += 1
 
     def _feed(self, ids: Sequence[int]) -> None:
@@ -395,6 +396,7 @@ class ChatSession:
 
         for i in ids:
             self.logits, self.cache = decode_step(self.params, [i], self.cache, [self.pos])
+            self.ids.append(int(i))
             self.pos += 1
             self.fed += 1
 
@@ -803,13 +805,14 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # Global flags work before and after the subcommand; SUPPRESS keeps a subcommand's
     # default from overwriting a value given before it.
-    glob = argparse.ArgumentParser(add_help=False)
+    glob = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     glob.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     glob.add_argument("--kernels", choices=("reference", "pallas"), default=argparse.SUPPRESS)
     glob.add_argument("--no-compile-cache", action="store_true", default=argparse.SUPPRESS)
 
     parser = argparse.ArgumentParser(
         prog=PROG,
+        allow_abbrev=False,
         description="Gemma 4 text models in JAX, from GGUF files.",
         epilog="FILE: a .gguf path or builtin:tiny (random weights, random text).",
     )
@@ -897,12 +900,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward call")
     p.set_defaults(func=cmd_perplexity)
 
+    # No global flags after `bench`: everything there belongs to the benchmark script.
     p = sub.add_parser(
         "bench",
-        parents=[glob],
+        add_help=False,
+        allow_abbrev=False,
         help="run benchmarks/bench_e2e.py",
-        description="Runs benchmarks/bench_e2e.py from the source checkout with the "
-        "remaining arguments (e.g. --smoke).",
+        description="Runs benchmarks/bench_e2e.py from the source checkout with every "
+        "argument after `bench` (e.g. --smoke; --help shows the script's own help).",
     )
     p.set_defaults(func=cmd_bench)  # its arguments: everything main() does not know
     return parser
