@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ops
+from . import ops, sharding
 from .config import Gemma4Config, segments
 from .errors import InputError
 from .model import embed, lm_head, run_cached, run_sequence
@@ -57,7 +57,12 @@ def cache_spec(config: Gemma4Config, batch: int, max_len: int, dtype) -> tuple:
 def init_cache(params: Params, batch: int, max_len: int) -> tuple:
     """An empty cache for `batch` rows and up to `max_len` positions."""
     spec = cache_spec(params.config, batch, max_len, params.compute_dtype)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+    mesh = sharding.params_mesh(params)
+    if mesh is None:
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+    # Params on a mesh: each device allocates only its shards of the cache.
+    shardings = sharding.cache_shardings(params.config, spec, mesh)
+    return jax.tree.map(lambda s, d: jnp.zeros(s.shape, s.dtype, device=d), spec, shardings)
 
 
 def cache_max_len(params: Params, cache) -> int:
@@ -100,6 +105,13 @@ def _decode_impl(params: Params, token, cache, pos):
     h, ple = embed(params, token[:, None])
     h, cache = run_cached(params, h, ple, pos, cache, seg_ids=range(len(params.segments)))
     return lm_head(params, h)[:, 0], cache
+
+
+def _on_mesh(params: Params, *xs):
+    """Batch-major inputs onto the params' mesh (rows on "data"), so jit splits the batch and
+    the caches it returns keep `sharding.cache_shardings`. Identity without a mesh."""
+    mesh = sharding.params_mesh(params)
+    return xs if mesh is None else tuple(sharding.shard_batch(x, mesh) for x in xs)
 
 
 def _donate() -> bool:
@@ -153,6 +165,7 @@ def prefill(params: Params, tokens, cache, lengths=None):
             f"prompt block of {t} positions does not fit a cache of "
             f"{cache_max_len(params, cache)} positions"
         )
+    tokens, lengths = _on_mesh(params, tokens, lengths)
     return _program("prefill")(params, tokens, lengths, cache, kernels=ops.kernel_mode())
 
 
@@ -160,6 +173,7 @@ def decode_step(params: Params, token, cache, pos):
     """One token per row at positions pos[B]: returns (logits [B, V], updated cache)."""
     token = jnp.asarray(token, jnp.int32)
     pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), token.shape)
+    token, pos = _on_mesh(params, token, pos)
     return _program("decode_step")(params, token, cache, pos, kernels=ops.kernel_mode())
 
 

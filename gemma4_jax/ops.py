@@ -6,6 +6,14 @@ The model calls `matmul`, `expert_matmul`, `flash_attention`, `decode_attention`
 `pallas` on CPU runs the kernels in interpret mode). The mode is read when a function is traced:
 the public entry points (`forward`, `prefill`, `decode_step`, `generate`) make it part of their
 jit cache key, so flipping the variable between calls takes effect.
+
+Meshes (see `sharding.py`): the jnp reference path is partitioned by XLA from the shardings of
+its inputs. A Pallas call is opaque to XLA's partitioner (it would gather its operands and run
+whole on every device), so in `pallas` mode under a ("data", "model") mesh set with
+`jax.set_mesh(mesh)` the attention kernels run per shard inside `shard_map` (rows on "data",
+whole heads on "model"). The matmul kernels cannot see how their weight is split (row or
+column parallel), so under a "model" axis > 1 the matmuls take the jnp path, which XLA
+partitions along the weights' shards; under pure data parallelism they run per row shard.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from . import quant
 
@@ -57,6 +66,61 @@ def _pallas() -> bool:
     return kernel_mode() == "pallas"
 
 
+# ---------------------------------------------------------------------------- meshes
+
+
+def _mesh():
+    """The ("data", "model") mesh of `jax.set_mesh` in Pallas mode, if it spans > 1 device."""
+    if not _pallas():
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not set(mesh.axis_names) <= {"data", "model"}:
+        return None
+    return mesh
+
+
+def _size(mesh, axis: str) -> int:
+    return dict(mesh.shape).get(axis, 1)
+
+
+def _split(mesh, axis: str, n: int) -> str | None:
+    """`axis` if that mesh axis (> 1) splits n items evenly, else None (kept whole)."""
+    m = _size(mesh, axis)
+    return axis if m > 1 and n % m == 0 else None
+
+
+def _head_split(mesh, h: int, hk: int) -> tuple[str | None, str | None, int]:
+    """How attention splits heads over "model": (q axis, kv axis, kv slice group).
+
+    Both on "model" when each device gets whole KV heads; with fewer KV heads (the cache then
+    stays replicated, see `sharding.py`) each device keeps every KV head and slices the one its
+    query heads use, which needs model % hk == 0 (group = model // hk devices per KV head);
+    otherwise heads stay whole on every device.
+    """
+    m = _size(mesh, "model")
+    if m == 1 or h % m:
+        return None, None, 0
+    if hk % m == 0:
+        return "model", "model", 0
+    if m % hk == 0:
+        return "model", None, m // hk
+    return None, None, 0
+
+
+def _shard_map(fn, in_specs, out_specs):
+    # check_vma off: pallas_call does not declare how its outputs vary over mesh axes.
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def _kv_slice(k, v, group: int):
+    """This device's KV head of k/v[B,S,Hk,D] (see `_head_split`)."""
+    if not group:
+        return k, v
+    j = jax.lax.axis_index("model") // group
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, j, 1, axis=2)
+    return take(k), take(v)
+
+
 # ---------------------------------------------------------------------------- matmuls
 
 
@@ -66,11 +130,18 @@ def _fields(w: quant.QTensor) -> dict:
 
 def matmul(x: jax.Array, w: quant.QTensor) -> jax.Array:
     """x[..., K] @ w[N, K]^T -> [..., N] in x.dtype, f32 accumulation."""
-    if _pallas() and w.ggml_type in _PALLAS_MATMUL_TYPES:
+    if _pallas() and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
         from pallas_kernels import qmatmul as qk
 
         lead = x.shape[:-1]
-        y = qk.qmatmul(x.reshape(-1, x.shape[-1]), w.ggml_type, _fields(w), interpret=_interpret())
+        x2 = x.reshape(-1, x.shape[-1])
+        fields = _fields(w)
+        call = lambda x2, fields: qk.qmatmul(x2, w.ggml_type, fields, interpret=_interpret())
+        mesh = _mesh()
+        if mesh is not None:  # data parallel only (`_matmul_kernel_ok`): weights replicated
+            rows = P(_split(mesh, "data", x2.shape[0]), None)
+            call = _shard_map(call, (rows, jax.tree.map(lambda _: P(), fields)), rows)
+        y = call(x2, fields)
         return y.reshape(*lead, y.shape[-1])
     if isinstance(w, quant.F32) and x.dtype != jnp.float32:
         # Weights keep the precision the file stores them in: bf16 compute rounds activations,
@@ -80,6 +151,12 @@ def matmul(x: jax.Array, w: quant.QTensor) -> jax.Array:
 
 
 _PALLAS_MATMUL_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _matmul_kernel_ok() -> bool:
+    """False under a "model" axis > 1: the kernel would need its weight's split (see top)."""
+    mesh = _mesh()
+    return mesh is None or _size(mesh, "model") == 1
 
 
 def expert_matmul(x: jax.Array, w: quant.QTensor, expert_ids: jax.Array) -> jax.Array:
@@ -97,11 +174,19 @@ def expert_matmul(x: jax.Array, w: quant.QTensor, expert_ids: jax.Array) -> jax.
     if (
         _pallas()
         and w.ggml_type in _PALLAS_MATMUL_TYPES
+        and _matmul_kernel_ok()
         and hasattr(_grouped_kernel(), "grouped_qmatmul")
     ):
-        return _grouped_kernel().grouped_qmatmul(
-            x, w.ggml_type, _fields(w), expert_ids, interpret=_interpret()
+        fields = _fields(w)
+        call = lambda x, fields, ids: _grouped_kernel().grouped_qmatmul(
+            x, w.ggml_type, fields, ids, interpret=_interpret()
         )
+        mesh = _mesh()
+        if mesh is not None:  # data parallel only: weights replicated, tokens split
+            d = _split(mesh, "data", t)
+            rep = jax.tree.map(lambda _: P(), fields)
+            call = _shard_map(call, (P(d, None, None), rep, P(d, None)), P(d, None, None))
+        return call(x, fields, expert_ids)
     dt = x.dtype
     if t * k <= n_experts:
         wg = jax.tree.map(lambda a: a[expert_ids.reshape(-1)], w)  # [T*k, N, K]
@@ -134,9 +219,20 @@ def flash_attention(q, k, v, q_start, *, window: int | None, scale: float = 1.0)
     from pallas_kernels import flash_attention as fa
 
     if _pallas():
-        return fa.flash_attention(
+        call = lambda q, k, v, q_start: fa.flash_attention(
             q, k, v, q_start, window=window, scale=scale, interpret=_interpret()
         )
+        mesh = _mesh()
+        if mesh is not None:
+            b = _split(mesh, "data", q.shape[0])
+            hq, hkv, group = _head_split(mesh, q.shape[2], k.shape[2])
+            kernel = call
+            call = _shard_map(
+                lambda q, k, v, q_start: kernel(q, *_kv_slice(k, v, group), q_start),
+                (P(b, None, hq, None), P(b, None, hkv, None), P(b, None, hkv, None), P(b)),
+                P(b, None, hq, None),
+            )
+        return call(q, k, v, q_start)
     return fa.flash_attention_reference(q, k, v, q_start, window=window, scale=scale)
 
 
@@ -145,7 +241,20 @@ def decode_attention(q, k, v, pos, *, ring: bool, scale: float = 1.0):
     from pallas_kernels import decode_attention as da
 
     if _pallas():
-        return da.decode_attention(q, k, v, pos, ring=ring, scale=scale, interpret=_interpret())
+        call = lambda q, k, v, pos: da.decode_attention(
+            q, k, v, pos, ring=ring, scale=scale, interpret=_interpret()
+        )
+        mesh = _mesh()
+        if mesh is not None:
+            b = _split(mesh, "data", q.shape[0])
+            hq, hkv, group = _head_split(mesh, q.shape[1], k.shape[2])
+            kernel = call
+            call = _shard_map(
+                lambda q, k, v, pos: kernel(q, *_kv_slice(k, v, group), pos),
+                (P(b, hq, None), P(b, None, hkv, None), P(b, None, hkv, None), P(b)),
+                P(b, hq, None),
+            )
+        return call(q, k, v, pos)
     return da.decode_attention_reference(q, k, v, pos, ring=ring, scale=scale)
 
 
@@ -154,7 +263,22 @@ def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
     from pallas_kernels import qk_norm_rope as nr
 
     if _pallas():
-        return nr.qk_norm_rope(
-            q, k, v, q_w, k_w, positions, inv_freq, eps=eps, interpret=_interpret()
+        mesh = _mesh()
+        if mesh is None:
+            return nr.qk_norm_rope(
+                q, k, v, q_w, k_w, positions, inv_freq, eps=eps, interpret=_interpret()
+            )
+        # Per row and head: rows on "data", whole q heads and (separately) kv heads on "model".
+        b = _split(mesh, "data", q.shape[0])
+        heads = lambda x: None if x is None else P(b, None, _split(mesh, "model", x.shape[2]), None)
+        rep = lambda x: None if x is None else P()
+        specs = (heads(q), heads(k), heads(v))
+        call = _shard_map(
+            lambda q, k, v, q_w, k_w, positions, inv_freq: nr.qk_norm_rope(
+                q, k, v, q_w, k_w, positions, inv_freq, eps=eps, interpret=_interpret()
+            ),
+            (*specs, rep(q_w), rep(k_w), P(b, None), P()),
+            specs,
         )
+        return call(q, k, v, q_w, k_w, positions, inv_freq)
     return nr.qk_norm_rope_reference(q, k, v, q_w, k_w, positions, inv_freq, eps=eps)
