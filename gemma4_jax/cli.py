@@ -271,7 +271,7 @@ def cmd_run(args) -> int:
     if len(ttfts) > 1:
         later = f", median of later batches {statistics.median(ttfts[1:]):.3f} s"
     print(
-        f"time to first token: {ttfts[0]:.3f} s (first batch, includes compilation){later}\n"
+        f"time to first token: {ttfts[0]:.3f} s (first batch, includes any compilation){later}\n"
         f"decode: {gen_tokens} tokens in {decode_s:.2f} s = {_rate(gen_tokens, decode_s)}; "
         f"{n} prompts in {wall:.2f} s overall"
     )
