@@ -1,0 +1,144 @@
+"""The benchmark tooling on CPU at toy sizes: random params of every family structure, the
+roofline and HLO counters, and `bench_e2e.py --smoke` end to end (its JSON keys)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import gemma4_jax as g4
+from benchmarks import random_model as rm
+from benchmarks.hlo_stats import kernel_stats
+from benchmarks.roofline import decode_bytes, prefill_flops_per_token
+
+REPO = Path(__file__).resolve().parents[1]
+
+REQUIRED = (
+    "date",
+    "device",
+    "jax_version",
+    "command",
+    "e4b_q8_0_decode_b1_tok_s",
+    "e4b_q4_k_m_decode_b1_tok_s",
+    "e4b_prefill_2k_tok_s",
+    "e4b_decode_b32_tok_s",
+    "load_s",
+    "first_token_cold_s",
+    "first_token_warm_s",
+    "copy_tb_s",
+    "peer_decode_b1_tok_s",
+    "peer_prefill_2k_tok_s",
+)
+
+
+@pytest.mark.parametrize("quant", rm.QUANTS)
+def test_random_params_tiny_runs_and_stays_finite(quant):
+    p = rm.random_params("tiny-e4b", quant, seed=1)
+    types = {
+        type(x).__name__ for x in jax.tree.leaves(p, is_leaf=lambda x: hasattr(x, "ggml_type"))
+    }
+    want = {"bf16": {"BF16"}, "q8_0": {"Q8_0"}, "q4_k_m": {"Q4_K", "Q6_K"}}[quant]
+    assert want <= types, types
+    logits = np.asarray(g4.forward(p, np.arange(1, 13)[None]))
+    assert logits.shape == (1, 12, p.config.vocab_size)
+    assert np.isfinite(logits).all() and 0.5 < logits.std() < 10
+
+
+def test_random_params_follow_the_declaration_at_real_sizes():
+    # jax.eval_shape traces the device path without drawing anything: real shapes, no memory.
+    from gemma4_jax.params import global_decls, segment_layer_decls
+
+    for fam in ("e2b", "e4b", "31b", "26b-a4b"):
+        c = rm.family_config(fam)
+        p = jax.eval_shape(lambda f=fam: rm.random_params(f, "q4_k_m", on_device=True))
+        assert p.config == c
+        for name, d in global_decls(c).items():
+            assert tuple(p.globals[name].shape) == d.shape, (fam, name)
+        for si, (seg, slots) in enumerate(segment_layer_decls(c)):
+            for j, (_, decls) in enumerate(slots):
+                for name, d in decls.items():
+                    got = tuple(p.segments[si][j][name].shape)
+                    assert got == (seg.n_periods, *d.shape), (fam, si, j, name)
+        mb = rm.mix_bytes(c, "q4_k_m")
+        assert 0.97 < mb["stacked"] / mb["llama_cpp_exact"] < 1.03  # majority type per segment
+    assert rm.mix_bytes(rm.family_config("e4b"), "q8_0")["stacked"] == pytest.approx(
+        8.0097e9, rel=1e-3
+    )
+    # the tiny miniatures keep their family's structure
+    assert rm.family_config("tiny-e2b").ffn_dim[-1] == 2 * rm.family_config("tiny-e2b").ffn_dim[0]
+    assert any(rm.family_config("tiny-31b").k_eq_v)
+    assert rm.family_config("tiny-26b-a4b").n_experts == 8
+
+
+def test_roofline_e4b_numbers():
+    c = rm.family_config("e4b")
+    b = decode_bytes(c, "q8_0", 128)
+    assert b["lm_head"] == pytest.approx(262144 * 2560 * 34 / 32)
+    assert 2.69e12 / b["total"] == pytest.approx(535, rel=0.01)  # design.md: "~545"
+    f = prefill_flops_per_token(c, 2048)
+    assert 4.5e9 < f["total"] < 5.0e9
+
+
+def test_hlo_stats_counts_while_bodies_by_trip_count():
+    text = """HloModule m
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %f = f32[4]{0} fusion(%p), kind=kLoop, calls=%fc
+  %cc = f32[4]{0} custom-call(%f), custom_call_target="__gpu$xla.gpu.triton"
+  ROOT %t = (s32[], f32[4]) tuple(%p, %cc)
+}
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]) parameter(0)
+  ROOT %c = pred[] fusion(%p), kind=kLoop, calls=%fc2
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %w = (s32[], f32[4]) while(%a), condition=%cond, body=%body, backend_config={BC}
+  %x = f32[4]{0} copy(%a)
+  ROOT %g = f32[4]{0} get-tuple-element(%w), index=1
+}
+""".replace("{BC}", '{"known_trip_count":{"n":"7"}}')
+    s = kernel_stats(text)
+    assert s["fusion_per_call"] == 7 + 8  # body 7 times, condition 8 times
+    assert s["custom_call_per_call"] == 7
+    assert s["custom_call_targets_per_call"] == {"__gpu$xla.gpu.triton": 7}
+    assert s["launches_per_call"] == 7 + 8 + 7 + 1
+    assert s["static_while"] == 1
+
+
+def test_bench_e2e_smoke_writes_the_required_keys(tmp_path):
+    out = tmp_path / "e2e.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_e2e.py"),
+        "--smoke",
+        "--skip",
+        "quant2",
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    missing = [k for k in REQUIRED if k not in s]
+    assert not missing, missing
+    for k in REQUIRED:
+        if s[k] is None:
+            assert s.get(k + "_reason"), f"{k} is null without a reason"
+    # the parts that run on a CPU did measure
+    for k in ("e4b_q8_0_decode_b1_tok_s", "e4b_prefill_2k_tok_s", "e4b_decode_b32_tok_s"):
+        assert s[k] and s[k] > 0, (k, s.get(k + "_reason"))
+    for k in ("load_s", "first_token_cold_s", "first_token_warm_s", "copy_tb_s"):
+        assert s[k] and s[k] > 0, (k, s.get(k + "_reason"))
+    m = s["raw"]["models"]["smoke/q8_0"]
+    assert m["kernels"]["decode_step"]["launches_per_call"] > 0
+    assert "| metric |" in s["markdown"]
