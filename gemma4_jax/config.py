@@ -59,6 +59,10 @@ class Gemma4Config:
     # generation stops here by default: EOS, plus `<turn|>` (end of a chat turn) when present
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    # per layer: ((tensor, ggml type), ...) of its matrices. Real mixes (Q4_K_M gives some
+    # layers' attn_v / ffn_down Q6_K, others Q4_K) cannot be stacked into one scan: layers of
+    # different types land in different segments. Empty = all layers alike.
+    layer_types: tuple[tuple[tuple[str, str], ...], ...] = ()
 
     def __post_init__(self):
         for name in ("sliding", "n_kv_heads", "head_dim", "ffn_dim", "k_eq_v", "moe"):
@@ -89,8 +93,15 @@ class LayerSpec:
     k_eq_v: bool
     moe: bool
 
+    types: tuple[tuple[str, str], ...] = ()  # storage types of its matrices
+
     @property
     def signature(self) -> tuple:
+        """Layers with equal signatures stack into one scan: same shapes AND storage types."""
+        return (*self.structure, self.types)
+
+    @property
+    def structure(self) -> tuple:
         donor = None if self.has_kv else self.kv_donor
         return (
             self.sliding,
@@ -157,6 +168,7 @@ def layer_plan(config: Gemma4Config) -> tuple[LayerSpec, ...]:
                 kv_donor=donor,
                 k_eq_v=c.k_eq_v[i],
                 moe=c.moe[i],
+                types=c.layer_types[i] if c.layer_types else (),
             )
         )
     return tuple(specs)
@@ -181,8 +193,8 @@ def segments(config: Gemma4Config) -> tuple[Segment, ...]:
     for part in parts:
         if not part:
             continue
-        sigs = [s.signature for s in part]
-        p = _find_period(sigs)
+        # The period comes from the structure; storage types only decide which periods merge.
+        p = _find_period([s.structure for s in part])
         chunks = [part[i : i + p] for i in range(0, len(part), p)]
         for chunk in chunks:
             prev = out[-1] if out and out[-1].stop == chunk[0].index else None
@@ -221,7 +233,7 @@ def _per_layer(value: Any, n: int, key: str, path: str, cast=int) -> tuple:
 
 def config_from_gguf(
     fields: Mapping[str, Any],
-    tensor_names: set[str],
+    tensor_names: set[str] | Mapping[str, str],
     path: str = "<gguf>",
     vocab_size: int | None = None,
 ) -> Gemma4Config:
@@ -331,7 +343,22 @@ def config_from_gguf(
         has_rope_freqs=has("rope_freqs.weight"),
         stop_ids=tuple(dict.fromkeys(stop_ids)),
         pad_id=int(fields.get("tokenizer.ggml.padding_token_id", 0)),
+        layer_types=_layer_types(tensor_names, n),
     )
+
+
+def _layer_types(tensor_types, n_layers: int) -> tuple:
+    """Per layer, the sorted (tensor, ggml type) pairs of its multi-dimensional tensors."""
+    if not isinstance(tensor_types, Mapping):
+        return ()
+    per = [[] for _ in range(n_layers)]
+    for name, ttype in tensor_types.items():
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[0] == "blk" and parts[1].isdigit() and ttype != "F32":
+            i = int(parts[1])
+            if i < n_layers:
+                per[i].append((".".join(parts[2:]), str(ttype)))
+    return tuple(tuple(sorted(p)) for p in per)
 
 
 def rope_inv_freq(

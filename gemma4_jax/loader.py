@@ -161,7 +161,12 @@ def load(
                 f"{path}: architecture is {arch!r}, expected 'gemma4' (a Gemma 4 text model)"
             )
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
-    config = config_from_gguf(fields, set(src.tensors), str(path), vocab_size=_numpy_shape(embd)[0])
+    config = config_from_gguf(
+        fields,
+        {n: _type_name(t) for n, t in src.tensors.items()},
+        str(path),
+        vocab_size=_numpy_shape(embd)[0],
+    )
 
     todo = list(global_decls(config).items())
     seg_decls = segment_layer_decls(config)
