@@ -1323,7 +1323,7 @@ def build_parser():
     ap.add_argument("--peer-eager", action="store_true", help="peer: skip torch.compile")
     ap.add_argument("--load-quant", default="q8_0")
     ap.add_argument("--first-prompt", type=int, default=None)
-    ap.add_argument("--kernels", choices=("pallas", "reference"), default=None)
+    ap.add_argument("--kernels", choices=("pallas", "reference", "auto"), default=None)
     ap.add_argument("--no-fallback", action="store_true", help="no reference retry")
     ap.add_argument("--budget-s", type=float, default=None, help="whole run (default 480)")
     ap.add_argument("--reserve-s", type=float, default=5.0)

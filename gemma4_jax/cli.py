@@ -807,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     # default from overwriting a value given before it.
     glob = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     glob.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    glob.add_argument("--kernels", choices=("reference", "pallas"), default=argparse.SUPPRESS)
+    glob.add_argument("--kernels", choices=("reference", "pallas", "auto"), default=argparse.SUPPRESS)
     glob.add_argument("--no-compile-cache", action="store_true", default=argparse.SUPPRESS)
 
     parser = argparse.ArgumentParser(
@@ -819,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument(
         "--kernels",
-        choices=("reference", "pallas"),
+        choices=("reference", "pallas", "auto"),
         help="sets GEMMA4_JAX_KERNELS (default: pallas on GPU, reference on CPU)",
     )
     parser.add_argument(

@@ -2,10 +2,12 @@
 
 The model calls `matmul`, `expert_matmul`, `flash_attention`, `decode_attention` and
 `qk_norm_rope`; each runs either the pure-jnp reference or a Pallas kernel, chosen by
-`GEMMA4_JAX_KERNELS` = `reference` | `pallas` (default: `pallas` on GPU, `reference` on CPU;
-`pallas` on CPU runs the kernels in interpret mode). The mode is read when a function is traced:
-the public entry points (`forward`, `prefill`, `decode_step`, `generate`) make it part of their
-jit cache key, so flipping the variable between calls takes effect.
+`GEMMA4_JAX_KERNELS` = `reference` | `pallas` | `auto` (default: `auto` on GPU, `reference`
+on CPU; `pallas` on CPU runs the kernels in interpret mode; `auto` uses the Pallas attention
+and norm+RoPE kernels but XLA's fused dequantize+dot for matmuls). The mode is read when a
+function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
+`generate`) make it part of their jit cache key, so flipping the variable between calls
+takes effect.
 
 Meshes (see `sharding.py`): the jnp reference path is partitioned by XLA from the shardings of
 its inputs. A Pallas call is opaque to XLA's partitioner (it would gather its operands and run
@@ -28,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import quant
 
-MODES = ("reference", "pallas")
+MODES = ("reference", "pallas", "auto")
 _MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("gemma4_kernels", default=None)
 
 
@@ -38,7 +40,9 @@ def default_mode() -> str:
         if env not in MODES:
             raise ValueError(f"GEMMA4_JAX_KERNELS={env!r} is not one of {MODES}")
         return env
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    # On a GPU: Pallas attention + XLA's fused dequantize+dot. Measured on an H100 (jax 0.11.2,
+    # E4B Q8_0 decode): auto 266 tok/s, reference 253, pallas (also the matmul kernels) 110.
+    return "auto" if jax.default_backend() == "gpu" else "reference"
 
 
 def kernel_mode() -> str:
@@ -63,6 +67,14 @@ def _interpret() -> bool:
 
 
 def _pallas() -> bool:
+    """Pallas attention / norm+RoPE kernels: in `pallas` and `auto` modes."""
+    return kernel_mode() in ("pallas", "auto")
+
+
+def _pallas_matmul() -> bool:
+    """Pallas quantized matmuls: only in `pallas` mode. `auto` keeps XLA's fused
+    dequantize+dot, which measured as fast or faster at most decode shapes on jax 0.11
+    (benchmarks/RESULTS.md)."""
     return kernel_mode() == "pallas"
 
 
@@ -130,7 +142,7 @@ def _fields(w: quant.QTensor) -> dict:
 
 def matmul(x: jax.Array, w: quant.QTensor) -> jax.Array:
     """x[..., K] @ w[N, K]^T -> [..., N] in x.dtype, f32 accumulation."""
-    if _pallas() and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
+    if _pallas_matmul() and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
         from pallas_kernels import qmatmul as qk
 
         lead = x.shape[:-1]
@@ -172,7 +184,7 @@ def expert_matmul(x: jax.Array, w: quant.QTensor, expert_ids: jax.Array) -> jax.
     if x.ndim == 2:
         x = jnp.broadcast_to(x[:, None, :], (t, k, x.shape[-1]))
     if (
-        _pallas()
+        _pallas_matmul()
         and w.ggml_type in _PALLAS_MATMUL_TYPES
         and _matmul_kernel_ok()
         and hasattr(_grouped_kernel(), "grouped_qmatmul")
