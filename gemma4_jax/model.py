@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import ops
-from .config import Gemma4Config, LayerSpec, locate, segments
+from .config import Gemma4Config, LayerSpec, layer_plan, locate, segments
 from .params import Params
 
 # ---------------------------------------------------------------------------- small pieces
@@ -282,7 +282,7 @@ def run_sequence(
     """
     c = params.config
     segs = segments(c)
-    donors = {s.kv_donor for s in _all_specs(c) if not s.has_kv}
+    donors = {s.kv_donor for s in layer_plan(c) if not s.has_kv}
     donor_seq: dict[int, tuple] = {}
     caches: dict[int, tuple] = {}
     hidden: list[jax.Array] = []
@@ -389,12 +389,6 @@ def _donor_caches(c: Gemma4Config, seg, cache) -> dict[int, tuple]:
         d = cache[si][slot]
         out[s.kv_donor] = (d["k"][period], d["v"][period])
     return out
-
-
-def _all_specs(c: Gemma4Config):
-    from .config import layer_plan
-
-    return layer_plan(c)
 
 
 # ---------------------------------------------------------------------------- forward

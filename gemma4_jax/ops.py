@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import os
 
 import jax
@@ -137,7 +138,8 @@ def _kv_slice(k, v, group: int):
 
 
 def _fields(w: quant.QTensor) -> dict:
-    return {f.name: getattr(w, f.name) for f in __import__("dataclasses").fields(w)}
+    """The block-format field arrays of a quantized tensor, by name (what kernels take)."""
+    return {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
 
 
 def matmul(x: jax.Array, w: quant.QTensor) -> jax.Array:
