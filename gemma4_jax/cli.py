@@ -807,7 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
     # default from overwriting a value given before it.
     glob = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     glob.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    glob.add_argument("--kernels", choices=("reference", "pallas", "auto"), default=argparse.SUPPRESS)
+    glob.add_argument(
+        "--kernels", choices=("reference", "pallas", "auto"), default=argparse.SUPPRESS
+    )
     glob.add_argument("--no-compile-cache", action="store_true", default=argparse.SUPPRESS)
 
     parser = argparse.ArgumentParser(
