@@ -500,19 +500,17 @@ def _hf_config(transformers, family: str):
 
     f = FAMILIES[_family_key(family)]
     L = f.n_layers
-    layer_types = [
-        "sliding_attention" if (i + 1) % f.period else "full_attention" for i in range(L)
-    ]
+    layer_types = ["sliding_attention" if s else "full_attention" for s in f.sliding_pattern]
     kw = dict(
         vocab_size=f.vocab_size,
         hidden_size=f.d_model,
         intermediate_size=f.ffn if isinstance(f.ffn, int) else f.ffn[0],
         num_hidden_layers=L,
         num_attention_heads=f.n_heads,
-        num_key_value_heads=f.kv_heads[0],
-        num_global_key_value_heads=f.kv_heads[1],
-        head_dim=f.head_dim[0],
-        global_head_dim=f.head_dim[1],
+        num_key_value_heads=f.n_kv_heads,
+        num_global_key_value_heads=f.kv_heads(L - 1),  # the last layer is global
+        head_dim=f.head_dim,
+        global_head_dim=f.head_dim_global,
         sliding_window=f.window,
         layer_types=layer_types,
         num_kv_shared_layers=f.shared_kv_layers,

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma4_jax import quant
+from gemma4_jax import builtin, quant
+from gemma4_jax.builtin import REAL_SPECS, TinySpec
 from gemma4_jax.config import Gemma4Config, rope_inv_freq
 from gemma4_jax.params import Params, TensorDecl, global_decls, segment_layer_decls
 
@@ -43,197 +44,110 @@ QUANTS = ("bf16", "q8_0", "q4_k_m")
 # ---------------------------------------------------------------------------- the family
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """The numbers of one Gemma 4 text model (shared/docs/gemma4.md, "The family")."""
+# The real shapes are `gemma4_jax.builtin.REAL_SPECS` (the one table of the family's numbers);
+# the miniatures keep their structure for CPU tests (D = 256 so K-quants apply).
+_TINY = TinySpec(  # tiny-e4b as is: 5 sliding + 1 global, PLE, KV sharing over the last 6
+    name="gemma4-jax random tiny-e4b",
+    vocab_size=1024,
+    n_layers=12,
+    d_model=256,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=64,
+    head_dim_global=128,
+    ffn=512,
+    ple_dim=32,
+    sliding_period=6,
+    shared_kv_layers=6,
+    window=16,
+    context_length=4096,
+)
+_TINY_31B = dataclasses.replace(
+    _TINY,
+    name="gemma4-jax random tiny-31b",
+    n_layers=6,
+    n_kv_heads_global=1,
+    ple_dim=0,
+    sliding_period=3,
+    shared_kv_layers=0,
+    k_eq_v=True,
+)
 
-    n_layers: int
-    d_model: int
-    n_heads: int
-    kv_heads: tuple[int, int]  # (sliding, global)
-    head_dim: tuple[int, int]  # (sliding, global)
-    ffn: int | tuple[int, ...]  # one width, or one per layer
-    window: int
-    period: int  # sliding_period: layer l is global iff (l + 1) % period == 0
-    shared_kv_layers: int
-    ple_dim: int = 0
-    k_eq_v: bool = False  # global layers have no Wv (31B, 26B-A4B)
-    n_experts: int = 0
-    n_experts_used: int = 0
-    expert_ffn: int = 0
-    vocab_size: int = 262144
-    context_length: int = 131072
-
-
-FAMILIES: dict[str, Family] = {
-    "e2b": Family(
-        n_layers=35,
-        d_model=1536,
-        n_heads=8,
-        kv_heads=(1, 1),
-        head_dim=(256, 512),
-        ffn=(6144,) * 15 + (12288,) * 20,  # double-wide MLP on the 20 KV-shared layers
-        window=512,
-        period=5,
-        shared_kv_layers=20,
-        ple_dim=256,
-    ),
-    "e4b": Family(
-        n_layers=42,
-        d_model=2560,
-        n_heads=8,
-        kv_heads=(2, 2),
-        head_dim=(256, 512),
-        ffn=10240,
-        window=512,
-        period=6,
-        shared_kv_layers=18,
-        ple_dim=256,
-    ),
-    "31b": Family(
-        n_layers=60,
-        d_model=5376,
-        n_heads=32,
-        kv_heads=(16, 4),
-        head_dim=(256, 512),
-        ffn=21504,
-        window=1024,
-        period=6,
-        shared_kv_layers=0,
-        k_eq_v=True,
-        context_length=262144,
-    ),
-    "26b-a4b": Family(
-        n_layers=30,
-        d_model=2816,
-        n_heads=16,
-        kv_heads=(8, 2),
-        head_dim=(256, 512),
-        ffn=2112,
-        window=1024,
-        period=6,
-        shared_kv_layers=0,
-        k_eq_v=True,
-        n_experts=128,
-        n_experts_used=8,
-        expert_ffn=704,
-        context_length=262144,
-    ),
-    # Miniatures with the same structure, for CPU tests (D = 256 so K-quants apply).
-    "tiny-e4b": Family(
-        n_layers=12,
-        d_model=256,
-        n_heads=4,
-        kv_heads=(2, 2),
-        head_dim=(64, 128),
-        ffn=512,
-        window=16,
-        period=6,
-        shared_kv_layers=6,
-        ple_dim=32,
-        vocab_size=1024,
-        context_length=4096,
-    ),
-    "smoke": Family(  # the smallest E4B-like model: 2 periods of [sliding, global]
-        n_layers=4,
-        d_model=256,
-        n_heads=2,
-        kv_heads=(1, 1),
-        head_dim=(64, 128),
-        ffn=512,
-        window=16,
-        period=2,
-        shared_kv_layers=2,
-        ple_dim=32,
+FAMILIES: dict[str, TinySpec] = {
+    **REAL_SPECS,
+    "tiny-e4b": _TINY,
+    "smoke": dataclasses.replace(  # the smallest E4B-like model: 2 periods of [sliding, global]
+        _TINY,
+        name="gemma4-jax random smoke",
         vocab_size=512,
+        n_layers=4,
+        n_heads=2,
+        n_kv_heads=1,
+        sliding_period=2,
+        shared_kv_layers=2,
         context_length=2048,
     ),
-    "tiny-e2b": Family(
+    "tiny-e2b": dataclasses.replace(
+        _TINY,
+        name="gemma4-jax random tiny-e2b",
         n_layers=10,
-        d_model=256,
-        n_heads=4,
-        kv_heads=(1, 1),
-        head_dim=(64, 128),
+        n_kv_heads=1,
         ffn=(256,) * 5 + (512,) * 5,
-        window=16,
-        period=5,
+        sliding_period=5,
         shared_kv_layers=5,
-        ple_dim=32,
-        vocab_size=1024,
-        context_length=4096,
     ),
-    "tiny-31b": Family(
-        n_layers=6,
-        d_model=256,
-        n_heads=4,
-        kv_heads=(2, 1),
-        head_dim=(64, 128),
-        ffn=512,
-        window=16,
-        period=3,
-        shared_kv_layers=0,
-        k_eq_v=True,
-        vocab_size=1024,
-        context_length=4096,
-    ),
-    "tiny-26b-a4b": Family(
-        n_layers=6,
-        d_model=256,
-        n_heads=4,
-        kv_heads=(2, 1),
-        head_dim=(64, 128),
+    "tiny-31b": _TINY_31B,
+    "tiny-26b-a4b": dataclasses.replace(
+        _TINY_31B,
+        name="gemma4-jax random tiny-26b-a4b",
         ffn=256,
-        window=16,
-        period=3,
-        shared_kv_layers=0,
-        k_eq_v=True,
         n_experts=8,
         n_experts_used=2,
         expert_ffn=64,
-        vocab_size=1024,
-        context_length=4096,
     ),
 }
 
 
-def family_config(family: str) -> Gemma4Config:
-    """The `Gemma4Config` a converted GGUF of this family would give (same layer plan)."""
-    f = FAMILIES[_family_key(family)]
-    L = f.n_layers
-    sliding = tuple((i + 1) % f.period != 0 for i in range(L))
-    first_shared = L - f.shared_kv_layers
-    ffn = f.ffn if isinstance(f.ffn, tuple) else (f.ffn,) * L
-    dh_s, dh_g = f.head_dim
+def spec_config(spec: TinySpec) -> Gemma4Config:
+    """The config of `spec`'s model: the layer plan and shapes its GGUF (`write_real_size_gguf`)
+    loads with, RoPE given as partial dims rather than a `rope_freqs` tensor."""
+    L = spec.n_layers
+    sliding = spec.sliding_pattern
     return Gemma4Config(
         n_layers=L,
-        d_model=f.d_model,
-        n_heads=f.n_heads,
-        vocab_size=f.vocab_size,
-        context_length=f.context_length,
+        d_model=spec.d_model,
+        n_heads=spec.n_heads,
+        vocab_size=spec.vocab_size,
+        context_length=spec.context_length,
         sliding=sliding,
-        n_kv_heads=tuple(f.kv_heads[0] if s else f.kv_heads[1] for s in sliding),
-        head_dim=tuple(dh_s if s else dh_g for s in sliding),
-        ffn_dim=ffn,
-        k_eq_v=tuple(f.k_eq_v and not s and i < first_shared for i, s in enumerate(sliding)),
-        moe=(f.n_experts > 0,) * L,
-        window=f.window,
-        shared_kv_layers=f.shared_kv_layers,
-        rope_base_sliding=10_000.0,
-        rope_base_global=1_000_000.0,
-        rope_dims_sliding=dh_s,
-        # proportional RoPE, partial factor 0.25: the first dh/8 pairs rotate
-        rope_dims_global=dh_g // 4,
-        rms_eps=1e-6,
-        ple_dim=f.ple_dim,
-        final_softcap=30.0,
-        n_experts=f.n_experts,
-        n_experts_used=f.n_experts_used,
-        expert_ffn_dim=f.expert_ffn,
-        tied_embeddings=True,
+        n_kv_heads=tuple(spec.kv_heads(i) for i in range(L)),
+        head_dim=tuple(spec.head_dim_of(i) for i in range(L)),
+        ffn_dim=tuple(spec.ffn_of(i) for i in range(L)),
+        k_eq_v=tuple(spec.has_kv(i) and not spec.has_v(i) for i in range(L)),
+        moe=(spec.n_experts > 0,) * L,
+        window=spec.window,
+        shared_kv_layers=spec.shared_kv_layers,
+        rope_base_sliding=spec.rope_base_swa,
+        rope_base_global=spec.rope_base,
+        rope_dims_sliding=spec.head_dim,
+        # proportional RoPE: only the first partial_rotary of the global pairs rotate
+        rope_dims_global=int(spec.head_dim_global * spec.partial_rotary),
+        rms_eps=spec.eps,
+        ple_dim=spec.ple_dim,
+        final_softcap=spec.softcap,
+        n_experts=spec.n_experts,
+        n_experts_used=spec.n_experts_used,
+        expert_ffn_dim=spec.expert_ffn,
+        tied_embeddings=spec.tied,
         has_rope_freqs=False,
         stop_ids=(1,),
         pad_id=0,
     )
+
+
+def family_config(family: str) -> Gemma4Config:
+    """The `Gemma4Config` a converted GGUF of this family would give (same layer plan)."""
+    return spec_config(FAMILIES[_family_key(family)])
 
 
 def _family_key(family: str) -> str:
@@ -587,33 +501,7 @@ def type_summary(params: Params) -> dict[str, int]:
 def write_real_size_gguf(path, family: str, quant: str, *, seed: int = 0, threads=None):
     """A random GGUF of the family's real shapes, written with `gemma4_jax.builtin` (for load
     time). K-quant and Q8_0 blocks are synthesized directly; returns the path."""
-    from gemma4_jax import builtin
-
-    key = _family_key(family)
-    spec = getattr(builtin, "REAL_SPECS", {}).get(key)
-    if spec is None:
-        f = FAMILIES[key]
-        spec = builtin.TinySpec(
-            name=f"gemma4-jax random {key}",
-            vocab_size=f.vocab_size,
-            n_layers=f.n_layers,
-            d_model=f.d_model,
-            n_heads=f.n_heads,
-            n_kv_heads=f.kv_heads[0],
-            n_kv_heads_global=f.kv_heads[1],
-            head_dim=f.head_dim[0],
-            head_dim_global=f.head_dim[1],
-            ffn=f.ffn,
-            ple_dim=f.ple_dim,
-            sliding_period=f.period,
-            shared_kv_layers=f.shared_kv_layers,
-            window=f.window,
-            context_length=f.context_length,
-            k_eq_v=f.k_eq_v,
-            n_experts=f.n_experts,
-            n_experts_used=f.n_experts_used,
-            expert_ffn=f.expert_ffn,
-        )
+    spec = FAMILIES[_family_key(family)]
     qname = {"bf16": "BF16", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}[_quant_key(quant)]
     return builtin.write_gemma4_gguf(
         path, spec, seed=seed, quant=qname, synthesize=True, threads=threads

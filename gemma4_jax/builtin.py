@@ -256,78 +256,59 @@ BUILTINS: dict[str, tuple[TinySpec, int, str]] = {
     ),
 }
 
-_REAL_VOCAB = 262144
-
-# The released shapes (docs/gemma4.md), for benchmark files: write with
+# The released shapes (docs/gemma4.md): the one table of the family's numbers (benchmarks'
+# `random_model.FAMILIES` uses it too). For benchmark files, write with
 # `write_gemma4_gguf(path, REAL_SPECS["e4b"], seed=0, synthesize=True)`.
+_REAL = TinySpec(  # what every released model shares
+    vocab_size=262144,
+    head_dim=256,
+    head_dim_global=512,
+    sliding_period=6,
+    context_length=131072,
+)
+_REAL_E = dataclasses.replace(_REAL, n_heads=8, ple_dim=256, window=512)  # E2B, E4B
+_REAL_BIG = dataclasses.replace(  # 31B, 26B-A4B: no PLE, no KV sharing, K = V on global layers
+    _REAL, ple_dim=0, shared_kv_layers=0, window=1024, context_length=262144, k_eq_v=True
+)
+
+
+def _real(base: TinySpec, key: str, **kw) -> TinySpec:
+    return dataclasses.replace(base, name=f"gemma4-jax random {key.upper()}-shaped", **kw)
+
+
 REAL_SPECS: dict[str, TinySpec] = {
-    "e2b": TinySpec(
-        name="gemma4-jax random E2B-shaped",
-        vocab_size=_REAL_VOCAB,
+    "e2b": _real(
+        _REAL_E,
+        "e2b",
         n_layers=35,
         d_model=1536,
-        n_heads=8,
         n_kv_heads=1,
-        head_dim=256,
-        head_dim_global=512,
-        ffn=(6144,) * 15 + (12288,) * 20,
-        ple_dim=256,
+        ffn=(6144,) * 15 + (12288,) * 20,  # double-wide MLP on the 20 KV-shared layers
         sliding_period=5,
         shared_kv_layers=20,
-        window=512,
-        context_length=131072,
     ),
-    "e4b": TinySpec(
-        name="gemma4-jax random E4B-shaped",
-        vocab_size=_REAL_VOCAB,
-        n_layers=42,
-        d_model=2560,
-        n_heads=8,
-        n_kv_heads=2,
-        head_dim=256,
-        head_dim_global=512,
-        ffn=10240,
-        ple_dim=256,
-        sliding_period=6,
-        shared_kv_layers=18,
-        window=512,
-        context_length=131072,
+    "e4b": _real(
+        _REAL_E, "e4b", n_layers=42, d_model=2560, n_kv_heads=2, ffn=10240, shared_kv_layers=18
     ),
-    "31b": TinySpec(
-        name="gemma4-jax random 31B-shaped",
-        vocab_size=_REAL_VOCAB,
+    "31b": _real(
+        _REAL_BIG,
+        "31b",
         n_layers=60,
         d_model=5376,
         n_heads=32,
         n_kv_heads=16,
         n_kv_heads_global=4,
-        head_dim=256,
-        head_dim_global=512,
         ffn=21504,
-        ple_dim=0,
-        sliding_period=6,
-        shared_kv_layers=0,
-        window=1024,
-        context_length=262144,
-        k_eq_v=True,
     ),
-    "26b-a4b": TinySpec(
-        name="gemma4-jax random 26B-A4B-shaped",
-        vocab_size=_REAL_VOCAB,
+    "26b-a4b": _real(
+        _REAL_BIG,
+        "26b-a4b",
         n_layers=30,
         d_model=2816,
         n_heads=16,
         n_kv_heads=8,
         n_kv_heads_global=2,
-        head_dim=256,
-        head_dim_global=512,
         ffn=2112,
-        ple_dim=0,
-        sliding_period=6,
-        shared_kv_layers=0,
-        window=1024,
-        context_length=262144,
-        k_eq_v=True,
         n_experts=128,
         n_experts_used=8,
         expert_ffn=704,

@@ -14,6 +14,8 @@ import gemma4_jax as g4
 from benchmarks import random_model as rm
 from benchmarks.hlo_stats import kernel_stats
 from benchmarks.roofline import decode_bytes, prefill_flops_per_token
+from gemma4_jax.builtin import REAL_SPECS
+from gemma4_jax.config import layer_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,6 +74,73 @@ def test_random_params_follow_the_declaration_at_real_sizes():
     assert rm.family_config("tiny-e2b").ffn_dim[-1] == 2 * rm.family_config("tiny-e2b").ffn_dim[0]
     assert any(rm.family_config("tiny-31b").k_eq_v)
     assert rm.family_config("tiny-26b-a4b").n_experts == 8
+
+
+def _plan(config):
+    return [layer.structure for layer in layer_plan(config)]
+
+
+@pytest.mark.parametrize("fam", ["e2b", "e4b", "31b", "26b-a4b"])
+def test_family_configs_come_from_the_builtin_presets(fam):
+    spec = REAL_SPECS[fam]  # the one table of the family's numbers
+    c = rm.family_config(fam)
+    assert rm.FAMILIES[fam] == spec and c == rm.spec_config(spec)
+    want = [
+        (
+            spec.is_sliding(i),
+            spec.head_dim_of(i),
+            spec.kv_heads(i),
+            spec.ffn_of(i),
+            spec.has_kv(i),
+            spec.has_kv(i) and not spec.has_v(i),
+            spec.n_experts > 0,
+        )
+        for i in range(spec.n_layers)
+    ]
+    got = [(s[0], s[1], s[2], s[3], s[4], s[6], s[7]) for s in _plan(c)]
+    assert got == want
+    assert (c.d_model, c.n_heads, c.vocab_size, c.window, c.ple_dim) == (
+        spec.d_model,
+        spec.n_heads,
+        spec.vocab_size,
+        spec.window,
+        spec.ple_dim,
+    )
+    assert (c.n_experts, c.n_experts_used, c.expert_ffn_dim) == (
+        spec.n_experts,
+        spec.n_experts_used,
+        spec.expert_ffn,
+    )
+    # a few of the released numbers, pinned
+    n_layers, d_model, ffn0, ffn_last = {
+        "e2b": (35, 1536, 6144, 12288),  # double-wide MLP on the KV-shared layers
+        "e4b": (42, 2560, 10240, 10240),
+        "31b": (60, 5376, 21504, 21504),
+        "26b-a4b": (30, 2816, 2112, 2112),
+    }[fam]
+    assert (c.n_layers, c.d_model, c.ffn_dim[0], c.ffn_dim[-1]) == (
+        n_layers,
+        d_model,
+        ffn0,
+        ffn_last,
+    )
+
+
+def test_family_config_matches_the_written_gguf(tmp_path):
+    # random params and the GGUF written from the same preset have the same layer plan
+    from gemma4_jax.config import config_from_gguf
+    from gemma4_jax.loader import _fields, _numpy_shape, _open
+
+    for fam in ("smoke", "tiny-31b", "tiny-26b-a4b"):
+        path = rm.write_real_size_gguf(tmp_path / f"{fam}.gguf", fam, "q8_0")
+        reader = _open(path)
+        tensors = {t.name: t for t in reader.tensors}
+        vocab = _numpy_shape(tensors["token_embd.weight"])[0]
+        loaded = config_from_gguf(_fields(reader), set(tensors), str(path), vocab_size=vocab)
+        want = rm.family_config(fam)
+        assert _plan(loaded) == _plan(want), fam
+        for f in ("d_model", "n_heads", "vocab_size", "window", "ple_dim", "n_experts"):
+            assert getattr(loaded, f) == getattr(want, f), (fam, f)
 
 
 def test_roofline_e4b_numbers():
