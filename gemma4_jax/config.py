@@ -400,17 +400,3 @@ def describe(config: Gemma4Config) -> str:
         shared = "" if seg.has_kv else " kv-shared"
         lines.append(f"layers {seg.start}-{seg.stop - 1}: {seg.n_periods} x [{kinds}]{shared}")
     return "\n".join(lines)
-
-
-def param_count_hint(config: Gemma4Config) -> int:
-    """Rough parameter count (embeddings included), for display only."""
-    c = config
-    total = c.vocab_size * c.d_model * (1 if c.tied_embeddings else 2)
-    total += c.vocab_size * c.ple_dim * c.n_layers
-    for s in layer_plan(c):
-        q = c.n_heads * s.head_dim
-        kv = 0 if not s.has_kv else s.n_kv_heads * s.head_dim * (1 if s.k_eq_v else 2)
-        total += c.d_model * (2 * q + kv) + 3 * c.d_model * s.ffn_dim
-        if s.moe:
-            total += c.n_experts * 3 * c.d_model * c.expert_ffn_dim
-    return int(total)

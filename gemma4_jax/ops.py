@@ -183,8 +183,6 @@ def expert_matmul(x: jax.Array, w: quant.QTensor, expert_ids: jax.Array) -> jax.
     """
     t, k = expert_ids.shape
     n_experts = w.shape[0]
-    if x.ndim == 2:
-        x = jnp.broadcast_to(x[:, None, :], (t, k, x.shape[-1]))
     if (
         _pallas_matmul()
         and w.ggml_type in _PALLAS_MATMUL_TYPES
@@ -199,20 +197,31 @@ def expert_matmul(x: jax.Array, w: quant.QTensor, expert_ids: jax.Array) -> jax.
         if mesh is not None:  # data parallel only: weights replicated, tokens split
             d = _split(mesh, "data", t)
             rep = jax.tree.map(lambda _: P(), fields)
-            call = _shard_map(call, (P(d, None, None), rep, P(d, None)), P(d, None, None))
+            xs = P(d, *([None] * (x.ndim - 1)))  # x is [T, K] (shared) or [T, k, K]
+            call = _shard_map(call, (xs, rep, P(d, None)), P(d, None, None))
         return call(x, fields, expert_ids)
     dt = x.dtype
-    if t * k <= n_experts:
+    if t * k <= n_experts:  # decode: gather the chosen experts' blocks, dequantize only them
+        if x.ndim == 2:
+            x = jnp.broadcast_to(x[:, None, :], (t, k, x.shape[-1]))
         wg = jax.tree.map(lambda a: a[expert_ids.reshape(-1)], w)  # [T*k, N, K]
         wd = wg.dequantize(dt).reshape(t, k, *w.shape[1:])
         return jnp.einsum(
             "tkK,tkNK->tkN", x, wd, preferred_element_type=jnp.float32, precision=_precision(dt)
         ).astype(dt)
-    wd = w.dequantize(dt)  # [E, N, K]
+    # Many pairs: every expert once per token, then pick the chosen ones. Per-choice inputs are
+    # first routed to their expert's row (a one-hot sum: each token picks an expert at most
+    # once, so it only adds zeros and is exact), so the work is E*T, not k*E*T.
+    if x.ndim == 3:
+        onehot = (expert_ids[:, :, None] == jnp.arange(n_experts)).astype(dt)  # [T, k, E]
+        x = jnp.einsum("tkK,tke->teK", x, onehot, precision=_precision(dt))
+        spec = "teK,eNK->teN"
+    else:
+        spec = "tK,eNK->teN"
     y = jnp.einsum(
-        "tkK,eNK->tkeN", x, wd, preferred_element_type=jnp.float32, precision=_precision(dt)
-    )
-    return jnp.take_along_axis(y, expert_ids[:, :, None, None], axis=2)[:, :, 0].astype(dt)
+        spec, x, w.dequantize(dt), preferred_element_type=jnp.float32, precision=_precision(dt)
+    )  # [T, E, N]
+    return jnp.take_along_axis(y, expert_ids[:, :, None], axis=1).astype(dt)
 
 
 def _grouped_kernel():

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from .config import Gemma4Config, LayerSpec, segments
 
@@ -120,8 +121,6 @@ class Params:
 
     @property
     def compute_dtype(self):
-        import jax.numpy as jnp
-
         return jnp.dtype(self.dtype)
 
 

@@ -43,3 +43,25 @@ def load_fixture(fixtures_dir: Path, name: str, file: str = "model.gguf", dtype=
             np.load(fixtures_dir / name / ref_name),
         )
     return _MODELS[key]
+
+
+@pytest.fixture(scope="module")
+def g4_cache(tmp_path_factory):
+    """One builtin-model cache folder per session ($GEMMA4_JAX_CACHE) for the CLI and example
+    tests, so builtin:tiny is written once. Test modules opt in with `autouse` wrappers or by
+    asking for it (or for `tiny`)."""
+    path = tmp_path_factory.getbasetemp() / "g4cache"
+    path.mkdir(exist_ok=True)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GEMMA4_JAX_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny(g4_cache):
+    """builtin:tiny loaded in float32."""
+    from gemma4_jax import load
+    from gemma4_jax.builtin import resolve_model
+
+    return load(resolve_model("builtin:tiny"), dtype="float32")

@@ -24,29 +24,13 @@ import pytest
 
 import gemma4_jax as g4
 from gemma4_jax import cli
-from gemma4_jax.builtin import BUILTIN_NOTICE, resolve_model
+from gemma4_jax.builtin import BUILTIN_NOTICE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 PROMPTS = ROOT / "configs" / "prompts.txt"
 # Small and shared by the tests below: B=1 programs use max_len 256 (buckets 64, 128, 256).
 FAST = ["--no-compile-cache"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def g4_cache(tmp_path_factory):
-    """One builtin cache per session (test_examples.py uses the same folder)."""
-    path = tmp_path_factory.getbasetemp() / "g4cache"
-    path.mkdir(exist_ok=True)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GEMMA4_JAX_CACHE", str(path))
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def tiny(g4_cache):
-    return g4.load(resolve_model("builtin:tiny"), dtype="float32")
 
 
 def run_cli(*args: str, cwd: Path = ROOT, env_extra: dict | None = None):
@@ -350,3 +334,9 @@ def test_missing_generate_model_in_process(tmp_path, capsys):
     assert cli.main(["generate", "--model", str(missing), "--prompt", "x", *FAST]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(missing) in err[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _builtin_cache(g4_cache):
+    """Every test here runs with the shared builtin cache set (see conftest.g4_cache)."""
+    return g4_cache

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import gemma4_jax as g4
-from gemma4_jax.builtin import BUILTIN_NOTICE, resolve_model
+from gemma4_jax.builtin import BUILTIN_NOTICE
 from gemma4_jax.config import segments
 from gemma4_jax.errors import InputError
 from gemma4_jax.model import _inv_freq, embed, layer
@@ -43,22 +43,6 @@ EXPECT = {
     "logprobs": "best: ",
     "activations": "layer  11 global",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def g4_cache(tmp_path_factory):
-    """The builtin cache test_cli.py uses too (one per session)."""
-    path = tmp_path_factory.getbasetemp() / "g4cache"
-    path.mkdir(exist_ok=True)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GEMMA4_JAX_CACHE", str(path))
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def tiny(g4_cache):
-    return g4.load(resolve_model("builtin:tiny"), dtype="float32")
 
 
 def load_example(name: str):
@@ -129,3 +113,9 @@ def test_hidden_layers_are_in_layer_order(tiny):
 def test_return_hidden_rejects_unknown_values(tiny):
     with pytest.raises(InputError, match="return_hidden"):
         g4.forward(tiny.params, np.array([[2, 3]]), return_hidden="heads")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _builtin_cache(g4_cache):
+    """Every test here runs with the shared builtin cache set (see conftest.g4_cache)."""
+    return g4_cache
