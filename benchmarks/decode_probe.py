@@ -6,7 +6,7 @@ compile, then the median of 3 timed generations of `--steps` tokens (decode time
 the kernel launches per decode step counted in the compiled HLO of the generation loop's body.
 
     python benchmarks/decode_probe.py --out probe.json
-    python benchmarks/decode_probe.py --variants reference,auto+cmdbuf
+    python benchmarks/decode_probe.py --variants auto,auto+cmdbuf --quant q4_k_m
 """
 
 from __future__ import annotations
@@ -25,118 +25,139 @@ CMDBUF = (
     "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
     "CONDITIONAL --xla_gpu_graph_min_graph_size=1"
 )
+CMDBUF_NO_WHILE = (
+    "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
+    "--xla_gpu_graph_min_graph_size=1"
+)
+# name -> (kernel mode, XLA flags)
 VARIANTS = {
     "reference": ("reference", ""),
     "auto": ("auto", ""),
     "pallas": ("pallas", ""),
     "reference+cmdbuf": ("reference", CMDBUF),
     "auto+cmdbuf": ("auto", CMDBUF),
+    "auto+cmdbuf_nowhile": ("auto", CMDBUF_NO_WHILE),
 }
 
 
-def worker(args) -> dict:
+def worker(args) -> list[dict]:
+    """Runs the variants named in args.variants (all with the same XLA flags) on one set of
+    params: each with fresh jit caches."""
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    import jax
     import numpy as np
     from random_model import random_params
 
     import gemma4_jax as g4
 
+    gen = sys.modules["gemma4_jax.generate"]
     t0 = time.perf_counter()
-    params = random_params(args.family, args.quant)
+    base = random_params(args.family, args.quant)
     build = time.perf_counter() - t0
     prompt = np.random.default_rng(0).integers(
-        3, params.config.vocab_size, (1, args.ctx), dtype=np.int32
+        3, base.config.vocab_size, (1, args.ctx), dtype=np.int32
     )
-    t0 = time.perf_counter()
-    g4.generate(params, prompt, max_new_tokens=args.steps, stop_tokens=())
-    first = time.perf_counter() - t0
-    dec = []
-    for _ in range(3):
-        r = g4.generate(params, prompt, max_new_tokens=args.steps, stop_tokens=())
-        dec.append(r.timings["elapsed_s"] - r.timings["prefill_s"])
-    dec.sort()
-    med = dec[1]
-    out = {
-        "build_s": build,
-        "first_call_s": first,
-        "decode_s": dec,
-        "tok_s": args.steps / med,
-        "ms_per_step": 1e3 * med / args.steps,
-    }
-    try:  # kernel launches per decode step, from the compiled decode_step
-        import jax
-        from hlo_stats import kernel_stats
+    rows = []
+    for name in args.variants.split(","):
+        os.environ["GEMMA4_JAX_KERNELS"] = VARIANTS[name][0]
+        jax.clear_caches()
+        gen._PROGRAMS.clear()
+        params = base
+        try:
+            t0 = time.perf_counter()
+            g4.generate(params, prompt, max_new_tokens=args.steps, stop_tokens=())
+            first = time.perf_counter() - t0
+            dec = []
+            for _ in range(3):
+                r = g4.generate(params, prompt, max_new_tokens=args.steps, stop_tokens=())
+                dec.append(r.timings["elapsed_s"] - r.timings["prefill_s"])
+            dec.sort()
+            med = dec[1]
+            out = {
+                "variant": name,
+                "build_s": build,
+                "first_call_s": first,
+                "decode_s": dec,
+                "tok_s": args.steps / med,
+                "ms_per_step": 1e3 * med / args.steps,
+            }
+        except Exception as e:  # one failing variant must not sink the others
+            out = {"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if args.count and "error" not in out:
+            try:  # kernel launches per decode step, from the compiled decode_step
+                from hlo_stats import kernel_stats
 
-        cache = g4.init_cache(params, 1, 256)
-        gen = sys.modules["gemma4_jax.generate"]
-        prog = gen._program("decode_step")
-        lowered = prog.lower(
-            params,
-            np.zeros((1,), np.int32),
-            cache,
-            np.zeros((1,), np.int32),
-            kernels=g4.kernel_mode(),
-        )
-        stats = kernel_stats(lowered.compile().as_text())
-        out["kernels_per_step"] = {
-            k: v for k, v in stats.items() if isinstance(v, (int, float, str))
-        }
-        del jax
-    except Exception as e:  # the count is a diagnostic; the timing stands without it
-        out["kernels_error"] = repr(e)[:300]
-    return out
+                cache = g4.init_cache(params, 1, 256)
+                prog = gen._program("decode_step")
+                lowered = prog.lower(
+                    params,
+                    np.zeros((1,), np.int32),
+                    cache,
+                    np.zeros((1,), np.int32),
+                    kernels=g4.kernel_mode(),
+                )
+                stats = kernel_stats(lowered.compile().as_text())
+                out["kernels_per_step"] = {
+                    k: v for k, v in stats.items() if isinstance(v, (int, float, str))
+                }
+            except Exception as e:  # the count is a diagnostic; the timing stands without it
+                out["kernels_error"] = repr(e)[:300]
+        print("RESULT " + json.dumps(out), flush=True)
+        rows.append(out)
+        params = None
+    return rows
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="reference,auto,reference+cmdbuf,auto+cmdbuf")
+    ap.add_argument("--variants", default="reference,auto,auto+cmdbuf,auto+cmdbuf_nowhile")
     ap.add_argument("--family", default="e4b")
     ap.add_argument("--quant", default="q8_0")
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--timeout", type=int, default=150)
+    ap.add_argument("--timeout", type=int, default=300, help="per process (one XLA flag set)")
+    ap.add_argument("--count", action="store_true", help="count launches (one more compile)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", action="store_true")
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        worker(args)
         return
-    rows = []
+    # One process per distinct XLA flag set (flags are read at backend start); variants with
+    # the same flags share a process and the params it builds.
+    groups: dict[str, list[str]] = {}
     for name in args.variants.split(","):
-        mode, flags = VARIANTS[name]
-        env = dict(
-            os.environ,
-            GEMMA4_JAX_KERNELS=mode,
-            XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
-        )
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            "--family",
-            args.family,
-            "--quant",
-            args.quant,
-            "--ctx",
-            str(args.ctx),
-            "--steps",
-            str(args.steps),
-        ]
+        groups.setdefault(VARIANTS[name][1], []).append(name)
+    rows = []
+    for flags, names in groups.items():
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        cmd = [sys.executable, __file__, "--worker", "--variants", ",".join(names)]
+        for opt in ("family", "quant", "ctx", "steps"):
+            cmd += [f"--{opt}", str(getattr(args, opt))]
+        if args.count:
+            cmd.append("--count")
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            row = json.loads(line[-1][7:]) if line else {"error": p.stderr[-600:]}
-        except subprocess.TimeoutExpired:
-            row = {"error": f"timeout after {args.timeout}s"}
-        row.update(variant=name, mode=mode, xla_flags=flags, wall_s=time.perf_counter() - t0)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print("\n| variant | tok/s | ms/step | first call s | kernels/step |\n|---|---|---|---|---|")
+            got = [json.loads(x[7:]) for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            err = "" if len(got) == len(names) else p.stderr[-600:]
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            got = [json.loads(x[7:]) for x in out.splitlines() if x.startswith("RESULT ")]
+            err = f"timeout after {args.timeout}s"
+        done = {r["variant"] for r in got}
+        got += [{"variant": n, "error": err} for n in names if n not in done]
+        for row in got:
+            row.update(quant=args.quant, xla_flags=flags, process_wall_s=time.perf_counter() - t0)
+            print(json.dumps(row), flush=True)
+        rows += got
+    print(
+        f"\n{args.family} {args.quant}, batch 1, context {args.ctx}, {args.steps} steps\n"
+        "| variant | tok/s | ms/step | first call s | kernels/step |\n|---|---|---|---|---|"
+    )
     for r in rows:
-        k = r.get("kernels_per_step", {})
-        kk = k.get("launches_per_call", "")
+        kk = r.get("kernels_per_step", {}).get("launches_per_call", "")
         print(
             f"| {r['variant']} | {r.get('tok_s', 0):.1f} | {r.get('ms_per_step', 0):.2f} | "
             f"{r.get('first_call_s', 0):.1f} | {kk} | {r.get('error', '')[:60]}"
