@@ -577,15 +577,15 @@ def cmd_info(args) -> int:
 
     from . import builtin
     from .config import config_from_gguf, describe, layer_plan
-    from .loader import _fields, _numpy_shape, _open
+    from .gguf_file import read_gguf
     from .tokenizer import Tokenizer
 
     path = builtin.resolve_model(args.file)
-    reader = _open(path)
-    fields = _fields(reader)
-    tensors = {t.name: t for t in reader.tensors}
+    gf = read_gguf(path)
+    fields = gf.fields
+    tensors = {t.name: t for t in gf.tensors}
     embd = tensors.get("token_embd.weight")
-    vocab = _numpy_shape(embd)[0] if embd is not None else None
+    vocab = embd.numpy_shape[0] if embd is not None else None
     c = config_from_gguf(fields, set(tensors), str(path), vocab_size=vocab)
     p = print
     p(f"file:          {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -612,10 +612,10 @@ def cmd_info(args) -> int:
     p("layer plan:")
     for line in describe(c).splitlines():
         p(f"  {line}")
-    counts = collections.Counter(t.tensor_type.name for t in reader.tensors)
+    counts = collections.Counter(t.tensor_type.name for t in gf.tensors)
     nbytes: collections.Counter = collections.Counter()
     n_params = 0
-    for t in reader.tensors:
+    for t in gf.tensors:
         nbytes[t.tensor_type.name] += int(t.n_bytes)
         n_params += int(t.n_elements)
     p(

@@ -26,6 +26,8 @@ character is complete, so no piece ever ends in half a character.
 from __future__ import annotations
 
 import codecs
+import errno
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
@@ -37,6 +39,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
 from gemma4_jax.errors import GGUFError, InputError
+from gemma4_jax.gguf_file import read_gguf
 
 __all__ = ["IncrementalDecoder", "Tokenizer", "read_tokenizer_fields"]
 
@@ -77,25 +80,18 @@ def read_tokenizer_fields(path: str | PathLike[str]) -> dict[str, Any]:
     """Read the `tokenizer.*` (and `general.architecture`) metadata of a GGUF as python values.
 
     String arrays come back as `list[str]` (decoded from UTF-8), numeric arrays as lists,
-    scalars as `int` / `float` / `bool` / `str`.
+    scalars as `int` / `float` / `bool` / `str`. A missing file raises `FileNotFoundError`;
+    a broken one `GGUFError` (from `read_gguf`, which names the file).
     """
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise GGUFError(f"{path}: cannot read GGUF metadata: {e}") from e
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if not (key.startswith("tokenizer.") or key == "general.architecture"):
-            continue
-        try:
-            # `contents()` decodes string arrays element by element (`field.parts` holds the
-            # raw uint8 views, and `field.data` the indices of the values among them).
-            out[key] = field.contents()
-        except UnicodeDecodeError as e:
-            raise GGUFError(f"{path}: metadata {key!r} is not valid UTF-8: {e}") from e
-    return out
+    # A missing file stays a FileNotFoundError, as it was with GGUFReader (callers catch it).
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    fields = read_gguf(path).fields
+    return {
+        key: value
+        for key, value in fields.items()
+        if key.startswith("tokenizer.") or key == "general.architecture"
+    }
 
 
 class Tokenizer:
