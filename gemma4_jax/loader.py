@@ -1,6 +1,6 @@
 """GGUF -> `Model` (config + params pytree + tokenizer).
 
-Reads with `gguf.GGUFReader` (memory-mapped), fills the declaration in `params.py`, and checks
+Reads with `gguf_file.read_gguf` (memory-mapped), fills the declaration in `params.py`, and checks
 every tensor's presence, shape and type against it. Quantized tensors stay in their block
 format (repacked into field arrays, see docs/LAYOUT.md) so the device holds ~1 byte per weight
 for Q8_0 instead of 2 for bf16. Every problem becomes a `GGUFError` naming the file.
@@ -22,6 +22,7 @@ import numpy as np
 from . import quant
 from .config import Gemma4Config, config_from_gguf, rope_inv_freq
 from .errors import GGUFError
+from .gguf_file import GGUFFile, read_gguf
 from .params import Params, TensorDecl, global_decls, segment_layer_decls
 
 _DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -42,44 +43,8 @@ class Model:
         return self.params.config
 
 
-def _open(path: Path):
-    import gguf
-
-    if not path.exists():
-        raise GGUFError(f"{path}: no such file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # gguf raises ValueError / IndexError / struct errors on bad data
-        raise GGUFError(f"{path}: unreadable or truncated GGUF ({type(e).__name__}: {e})") from e
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise GGUFError(
-                f"{path}: truncated: tensor {t.name!r} ends at byte {end} but the "
-                f"file has {size} bytes"
-            )
-    return reader
-
-
-def _fields(reader) -> dict[str, Any]:
-    out = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        try:
-            out[name] = field.contents()
-        except Exception:  # an odd field we do not need should not stop the load
-            continue
-    return out
-
-
 def _numpy_shape(t) -> tuple[int, ...]:
-    return tuple(int(x) for x in reversed(t.shape.tolist()))
+    return tuple(t.numpy_shape)
 
 
 def _type_name(t) -> str:
@@ -89,7 +54,7 @@ def _type_name(t) -> str:
 class _TensorSource:
     """Name -> (checked) tensor access on one reader."""
 
-    def __init__(self, path: Path, reader, dtype: str):
+    def __init__(self, path: Path, reader: GGUFFile, dtype: str):
         self.path, self.dtype = path, dtype
         self.tensors = {t.name: t for t in reader.tensors}
         self.types = collections.Counter(_type_name(t) for t in reader.tensors)
@@ -97,9 +62,8 @@ class _TensorSource:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    def get(self, name: str, decl: TensorDecl):
-        import gguf
-
+    def checked(self, name: str, decl: TensorDecl):
+        """The reader's tensor `name`, present and of the declared shape."""
         t = self.tensors.get(name)
         if t is None:
             raise GGUFError(f"{self.path}: missing tensor {name!r}")
@@ -109,6 +73,27 @@ class _TensorSource:
                 f"{self.path}: tensor {name!r} has shape {shape}, expected "
                 f"{decl.shape} from the metadata"
             )
+        return t
+
+    def on_device(self, names: list[str], decl: TensorDecl, *, stacked: bool):
+        """Matrices `names` (one type, declared shape) repacked on the device, stacked if
+        `stacked` (see `quant.from_gguf_on_device`)."""
+        ts = [self.checked(n, decl) for n in names]
+        kinds = {_type_name(t) for t in ts}
+        if len(kinds) > 1:  # the layer plan groups layers by storage type: a mismatch is a bug
+            raise GGUFError(f"{self.path}: tensors {names} mix types {sorted(kinds)}")
+        try:
+            return quant.from_gguf_on_device(
+                [t.data for t in ts], ts[0].tensor_type, decl.shape, stacked=stacked, name=names[0]
+            )
+        except quant.UnsupportedTensorType as e:
+            raise GGUFError(f"{self.path}: tensor {names[0]!r}: {e}") from e
+
+    def get(self, name: str, decl: TensorDecl):
+        import gguf
+
+        t = self.checked(name, decl)
+        shape = decl.shape
         if not decl.matrix:
             try:
                 arr = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -151,8 +136,8 @@ def load(
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(set(_DTYPES))}")
     dtype = _DTYPES[dtype]
-    reader = _open(path)
-    fields = _fields(reader)
+    reader = read_gguf(path)  # every malformed-file problem is a GGUFError naming the file
+    fields = reader.fields
     src = _TensorSource(path, reader, dtype)
     embd = src.tensors.get("token_embd.weight")
     if embd is None:
@@ -177,15 +162,26 @@ def load(
     # Repacking blocks and copying to the device are numpy / transfer work that releases the
     # GIL: a thread pool over tensors turns a ~0.25 GB/s serial load into a parallel one.
     # Without a mesh each tensor goes to the device as soon as it is built (host copies die
-    # young); with a mesh, `place` shards the whole tree at the end.
+    # young); with a mesh, `place` shards the whole tree at the end. On an accelerator the
+    # matrices skip the host repack: their file bytes go over as they are and the device splits
+    # the blocks (`quant.from_gguf_on_device`).
     to_device = (lambda x: x) if mesh is not None else (lambda x: jax.tree.map(jax.device_put, x))
+    device_repack = mesh is None and _device_repack()
 
     def build_global(decl):
-        out = to_device(src.get(decl.gguf_name, decl))
+        if device_repack and decl.matrix:
+            out = src.on_device([decl.gguf_name], decl, stacked=False)
+        else:
+            out = to_device(src.get(decl.gguf_name, decl))
         bar.update(1)
         return out
 
     def build_stacked(seg, slot, name, decl):
+        names = [decl.gguf_name.format(i=seg.layer_index(p, slot)) for p in range(seg.n_periods)]
+        if device_repack and decl.matrix and all(src.has(n) for n in names):
+            out = src.on_device(names, decl, stacked=True)
+            bar.update(len(names))
+            return out
         per_period = []
         for period in range(seg.n_periods):
             per_period.append(_load_layer_tensor(src, seg.layer_index(period, slot), name, decl))
@@ -238,6 +234,15 @@ def load(
     return Model(
         path=path, params=params, tokenizer=tokenizer, metadata=meta, tensor_types=dict(src.types)
     )
+
+
+def _device_repack() -> bool:
+    """Split quantized blocks on the device (default: on accelerators; the CPU backend's
+    "device" is the host, where numpy is as fast). GEMMA4_JAX_DEVICE_REPACK=1/0 overrides."""
+    env = os.environ.get("GEMMA4_JAX_DEVICE_REPACK", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return jax.default_backend() != "cpu"
 
 
 def place(params: Params, mesh=None) -> Params:

@@ -109,3 +109,27 @@ def test_rewrite_roundtrip_loads(fixtures_dir, tmp_path):
     model = g4.load(out)
     assert model.config.n_layers == 12
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name,file",
+    [("e4b_tiny", "model.gguf"), ("moe_tiny", "model.gguf"), ("quant_small", "model-Q4_K_M.gguf")],
+)
+def test_device_repack_loads_identical_params(fixtures_dir, monkeypatch, name, file):
+    """The device-side block split (default on GPU hosts) and the host repack give the same
+    params, bit for bit."""
+    import jax
+
+    from gemma4_jax import load
+
+    path = fixtures_dir / name / file
+    if not path.exists():
+        pytest.skip(f"fixture {name}/{file} not present")
+    monkeypatch.setenv("GEMMA4_JAX_DEVICE_REPACK", "0")
+    host = load(path).params
+    monkeypatch.setenv("GEMMA4_JAX_DEVICE_REPACK", "1")
+    dev = load(path).params
+    assert jax.tree.structure(host) == jax.tree.structure(dev)
+    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(dev), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))

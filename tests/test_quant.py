@@ -229,6 +229,26 @@ def test_stack_then_slice(type_name):
     assert on_device.shape == (3, 4, 256)
 
 
+@pytest.mark.parametrize("type_name", TYPES)
+def test_device_repack_is_bit_identical(type_name):
+    """The loader's device-side block split (GPU hosts) gives the host repack's exact fields,
+    single and stacked."""
+    shape = (8, 512)
+    raws = [random_raw(type_name, shape, seed=s) for s in range(3)]
+    host = [quant.from_gguf(r, type_name, shape) for r in raws]
+    one = quant.from_gguf_on_device(raws[:1], type_name, shape, stacked=False)
+    many = quant.from_gguf_on_device(raws, type_name, shape, stacked=True)
+    for got, want in ((one, host[0]), (many, quant.stack(host))):
+        assert type(got) is type(want) and got.shape == want.shape
+        for a, b in zip(got.arrays(), want.arrays(), strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(
+                np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)
+            )
+    with pytest.raises(GGUFError, match="needs"):
+        quant.from_gguf_on_device([raws[0][:-1]], type_name, shape, stacked=False)
+
+
 def test_stack_rejects_mixed():
     a, _ = make("Q4_K", (4, 256))
     b, _ = make("Q6_K", (4, 256))
