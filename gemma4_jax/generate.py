@@ -144,6 +144,10 @@ def _program(name: str):
                 kernels, _decode_impl, params, token, cache, pos
             )
             _PROGRAMS[name] = _jit(f, static=("kernels",), donate=("cache",))
+        elif name == "first_token":
+            _PROGRAMS[name] = _jit(
+                _first_token_entry, static=("sampler", "pad_id"), donate=("state",)
+            )
         elif name == "decode_loop":
             _PROGRAMS[name] = _jit(
                 _decode_loop_entry, static=("kernels", "sampler", "n_steps"), donate=("state",)
@@ -186,43 +190,51 @@ def _decode_loop_entry(params, state, stop_ids, kernels, sampler, n_steps):
         return _decode_loop(params, state, stop_ids, sampler, n_steps)
 
 
-def _decode_loop(params: Params, state: dict, stop_ids, sampler, n_steps: int):
-    """Up to `n_steps` sample-then-decode iterations as one `lax.while_loop`.
+def _emit(state: dict, logits, stop_ids, sampler, pad_id: int) -> dict:
+    """Sample the next token of every live row from `logits` and record it at `step`."""
+    key, sub = jax.random.split(state["key"])
+    tok = sampler(logits, sub).astype(jnp.int32)
+    lp = chosen_logprobs(logits, tok)
+    live = ~state["done"]
+    tok = jnp.where(live, tok, pad_id)
+    i = state["step"]
+    hit = jnp.any(tok[:, None] == stop_ids[None, :], axis=1) & live
+    return dict(
+        state,
+        last=tok,
+        tokens=state["tokens"].at[:, i].set(tok),
+        logprobs=state["logprobs"].at[:, i].set(jnp.where(live, lp, 0.0)),
+        n=state["n"] + live.astype(jnp.int32),
+        step=i + 1,
+        key=key,
+        done=state["done"] | hit,
+        stopped=state["stopped"] | hit,
+    )
 
-    state: logits[B,V] (of the next token), tokens/logprobs [B, N] outputs, n[B] tokens
-    emitted per row, step (scalar), cache, pos[B] (position of the next token), key, done[B],
-    limit (scalar: total new tokens allowed).
+
+def _first_token_entry(state, logits, stop_ids, sampler, pad_id):
+    TRACE_COUNTS["first_token"] += 1
+    return _emit(state, logits, stop_ids, sampler, pad_id)
+
+
+def _decode_loop(params: Params, state: dict, stop_ids, sampler, n_steps: int):
+    """Up to `n_steps` decode-then-sample iterations as one `lax.while_loop`.
+
+    state: last[B] (the token sampled last, not yet fed), tokens/logprobs [B, N] outputs, n[B]
+    tokens emitted per row, step (scalar: tokens emitted so far), cache, pos[B] (position of
+    `last`), key, done[B], limit (scalar: total new tokens allowed). The first token comes from
+    the prefill logits (`_first_token_entry`), so N tokens cost N - 1 decode steps: no step is
+    spent on logits nobody samples.
     """
-    end = state["step"] + n_steps
+    end = state["step"] + n_steps  # this call emits up to n_steps tokens
 
     def cond(st):
         return (st["step"] < end) & (st["step"] < st["limit"]) & ~jnp.all(st["done"])
 
     def body(st):
-        key, sub = jax.random.split(st["key"])
-        tok = sampler(st["logits"], sub).astype(jnp.int32)
-        lp = chosen_logprobs(st["logits"], tok)
-        live = ~st["done"]
-        tok = jnp.where(live, tok, params.config.pad_id)
-        i = st["step"]
-        tokens = st["tokens"].at[:, i].set(tok)
-        logprobs = st["logprobs"].at[:, i].set(jnp.where(live, lp, 0.0))
-        hit = jnp.any(tok[:, None] == stop_ids[None, :], axis=1) & live
-        n = st["n"] + live.astype(jnp.int32)
-        logits, cache = _decode_impl(params, tok, st["cache"], st["pos"])
-        return dict(
-            st,
-            logits=logits,
-            tokens=tokens,
-            logprobs=logprobs,
-            n=n,
-            step=i + 1,
-            cache=cache,
-            pos=st["pos"] + 1,
-            key=key,
-            done=st["done"] | hit,
-            stopped=st["stopped"] | hit,
-        )
+        logits, cache = _decode_impl(params, st["last"], st["cache"], st["pos"])
+        st = dict(st, cache=cache, pos=st["pos"] + 1)
+        return _emit(st, logits, stop_ids, sampler, params.config.pad_id)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -349,7 +361,8 @@ def generate_stream(
     buckets: Sequence[int] | None = None,
     chunk: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Like `generate`, yielding after every `chunk` decode steps (one device program each).
+    """Like `generate`, yielding the first token as soon as it is sampled from the prefill
+    logits, then after every `chunk` further tokens (one decode-loop program call each).
 
     Each item: {"tokens": np.ndarray [B, k] the new tokens of this chunk (pad for finished
     rows), "done": np.ndarray [B], "state": final state after the last chunk}.
@@ -370,7 +383,7 @@ def generate_stream(
     t_prefill = time.perf_counter() - t0
     stop_arr = jnp.asarray(stops if stops else (-1,), jnp.int32)
     state = dict(
-        logits=logits,
+        last=jnp.zeros((b,), jnp.int32),
         tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
         logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
         n=jnp.zeros((b,), jnp.int32),
@@ -382,11 +395,20 @@ def generate_stream(
         stopped=jnp.zeros((b,), bool),
         limit=jnp.int32(max_new_tokens),
     )
+    # The first token is sampled from the prefill logits by a small program of its own and
+    # yielded before the decode loop is called (and, on a first call, compiled): the time to
+    # the first token is prefill + one sample.
+    state = _program("first_token")(
+        state, logits, stop_arr, sampler=sampler, pad_id=params.config.pad_id
+    )
     loop = _program("decode_loop")
     kernels = ops.kernel_mode()
     seen = 0
+    first = True
     while True:
-        state = loop(params, state, stop_arr, kernels=kernels, sampler=sampler, n_steps=chunk)
+        if not first:
+            state = loop(params, state, stop_arr, kernels=kernels, sampler=sampler, n_steps=chunk)
+        first = False
         step = int(state["step"])
         new = np.asarray(state["tokens"][:, seen:step])
         seen = step
