@@ -556,10 +556,9 @@ def _device_split(cls: type[QTensor], shape: tuple[int, ...], n: int, stacked: b
         blocks = b.reshape(*lead, *shape[:-1], shape[-1] // cls.block_size, cls.type_size)
         return cls._split(blocks, jnp)
 
-    # Donated: the raw bytes die here, so the device holds ~1x the tensor, not 2x (the CPU
-    # backend cannot reuse donated buffers and would warn).
-    donate = tuple(range(n)) if jax.default_backend() != "cpu" else ()
-    return jax.jit(split, donate_argnums=donate)
+    # Not donated: XLA aliases only buffers of equal shape and type, which the flat raw bytes
+    # and the fields never are (it would warn and copy anyway). The raw bytes die on return.
+    return jax.jit(split)
 
 
 def _what(name: str | None) -> str:
