@@ -183,11 +183,13 @@ def expert_matmul(x: jax.Array, w: quant.QTensor, expert_ids: jax.Array) -> jax.
     """
     t, k = expert_ids.shape
     n_experts = w.shape[0]
+    many = t * k > n_experts
+    # `auto` sends many-pair calls (prefill) to the grouped kernel too: XLA has no grouped
+    # matmul (its ragged_dot expands to dense), so its path runs every expert on every token.
     if (
-        _pallas_matmul()
+        (_pallas_matmul() or (kernel_mode() == "auto" and many))
         and w.ggml_type in _PALLAS_MATMUL_TYPES
         and _matmul_kernel_ok()
-        and hasattr(_grouped_kernel(), "grouped_qmatmul")
     ):
         fields = _fields(w)
         call = lambda x, fields, ids: _grouped_kernel().grouped_qmatmul(
@@ -201,7 +203,7 @@ def expert_matmul(x: jax.Array, w: quant.QTensor, expert_ids: jax.Array) -> jax.
             call = _shard_map(call, (xs, rep, P(d, None)), P(d, None, None))
         return call(x, fields, expert_ids)
     dt = x.dtype
-    if t * k <= n_experts:  # decode: gather the chosen experts' blocks, dequantize only them
+    if not many:  # decode: gather the chosen experts' blocks, dequantize only them
         if x.ndim == 2:
             x = jnp.broadcast_to(x[:, None, :], (t, k, x.shape[-1]))
         wg = jax.tree.map(lambda a: a[expert_ids.reshape(-1)], w)  # [T*k, N, K]
@@ -209,17 +211,40 @@ def expert_matmul(x: jax.Array, w: quant.QTensor, expert_ids: jax.Array) -> jax.
         return jnp.einsum(
             "tkK,tkNK->tkN", x, wd, preferred_element_type=jnp.float32, precision=_precision(dt)
         ).astype(dt)
-    # Many pairs: every expert once per token, then pick the chosen ones. Per-choice inputs are
-    # first routed to their expert's row (a one-hot sum: each token picks an expert at most
-    # once, so it only adds zeros and is exact), so the work is E*T, not k*E*T.
+    # Many pairs: every expert once per token, then pick the chosen ones, in chunks of tokens
+    # so the [tokens, E, N] intermediate stays bounded (~EXPERT_CHUNK_BYTES) at any length.
+    n, kk = w.shape[1], w.shape[2]
+    chunk = max(1, EXPERT_CHUNK_BYTES // (n_experts * (n + kk) * 4))
+    wd = w.dequantize(dt)
+    if t <= chunk:
+        return _all_experts(x, wd, expert_ids)
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    xp = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    ids = jnp.pad(expert_ids, [(0, pad), (0, 0)])
+    split = lambda a: a.reshape(n_chunks, chunk, *a.shape[1:])
+    y = jax.lax.map(lambda a: _all_experts(a[0], wd, a[1]), (split(xp), split(ids)))
+    return y.reshape(n_chunks * chunk, k, n)[:t]
+
+
+# Bytes of the per-chunk [tokens, E, N] / [tokens, E, K] intermediates of the reference
+# all-experts path (a 32K-token 26B-A4B prompt needed 44 GiB in one piece).
+EXPERT_CHUNK_BYTES = 512 << 20
+
+
+def _all_experts(x, wd, expert_ids):
+    """Every expert on every token of x[T, K] / x[T, k, K], then the chosen [T, k, N]. Per-choice
+    inputs are first routed to their expert's row (a one-hot sum: each token picks an expert at
+    most once, so it only adds zeros and is exact), so the work is E*T, not k*E*T."""
+    dt = x.dtype
     if x.ndim == 3:
-        onehot = (expert_ids[:, :, None] == jnp.arange(n_experts)).astype(dt)  # [T, k, E]
+        onehot = (expert_ids[:, :, None] == jnp.arange(wd.shape[0])).astype(dt)  # [T, k, E]
         x = jnp.einsum("tkK,tke->teK", x, onehot, precision=_precision(dt))
         spec = "teK,eNK->teN"
     else:
         spec = "tK,eNK->teN"
     y = jnp.einsum(
-        spec, x, w.dequantize(dt), preferred_element_type=jnp.float32, precision=_precision(dt)
+        spec, x, wd, preferred_element_type=jnp.float32, precision=_precision(dt)
     )  # [T, E, N]
     return jnp.take_along_axis(y, expert_ids[:, :, None], axis=1).astype(dt)
 
