@@ -4,7 +4,8 @@ The model calls `matmul`, `expert_matmul`, `flash_attention`, `decode_attention`
 `qk_norm_rope`; each runs either the pure-jnp reference or a Pallas kernel, chosen by
 `GEMMA4_JAX_KERNELS` = `reference` | `pallas` | `auto` (default: `auto` on GPU, `reference`
 on CPU; `pallas` on CPU runs the kernels in interpret mode; `auto` uses the Pallas attention
-and norm+RoPE kernels but XLA's fused dequantize+dot for matmuls). The mode is read when a
+and norm+RoPE kernels and the grouped expert kernel for MoE prefill, but XLA's fused
+dequantize+dot for the other matmuls). The mode is read when a
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
 takes effect.
