@@ -129,14 +129,14 @@ def test_family_configs_come_from_the_builtin_presets(fam):
 def test_family_config_matches_the_written_gguf(tmp_path):
     # random params and the GGUF written from the same preset have the same layer plan
     from gemma4_jax.config import config_from_gguf
-    from gemma4_jax.loader import _fields, _numpy_shape, _open
+    from gemma4_jax.gguf_file import read_gguf
 
     for fam in ("smoke", "tiny-31b", "tiny-26b-a4b"):
         path = rm.write_real_size_gguf(tmp_path / f"{fam}.gguf", fam, "q8_0")
-        reader = _open(path)
+        reader = read_gguf(path)
         tensors = {t.name: t for t in reader.tensors}
-        vocab = _numpy_shape(tensors["token_embd.weight"])[0]
-        loaded = config_from_gguf(_fields(reader), set(tensors), str(path), vocab_size=vocab)
+        vocab = tensors["token_embd.weight"].numpy_shape[0]
+        loaded = config_from_gguf(reader.fields, set(tensors), str(path), vocab_size=vocab)
         want = rm.family_config(fam)
         assert _plan(loaded) == _plan(want), fam
         for f in ("d_model", "n_heads", "vocab_size", "window", "ple_dim", "n_experts"):
