@@ -129,6 +129,28 @@ def test_generation_is_one_decode_program_call(fixtures_dir, monkeypatch):
     assert len(calls) == 3 and sum(c["tokens"].shape[1] for c in chunks) == 20
 
 
+def test_first_token_before_the_decode_loop(fixtures_dir, monkeypatch):
+    """The first token is yielded from the prefill logits before the decode loop runs, and N
+    tokens cost N - 1 decode steps (the last position fed is prompt + N - 2)."""
+    model, ref = load_fixture(fixtures_dir, "moe_tiny")
+    program = gen._program("decode_loop")
+    calls = []
+    monkeypatch.setitem(
+        gen._PROGRAMS, "decode_loop", lambda *a, **k: calls.append(1) or program(*a, **k)
+    )
+    prompt = ref["prompt_0"]
+    stream = g4.generate_stream(model.params, [prompt], max_new_tokens=6, stop_tokens=(), chunk=8)
+    first = next(stream)
+    assert first["tokens"].shape == (1, 1) and not calls
+    assert first["tokens"][0, 0] == ref["greedy_0"][0]
+    *_, last = stream
+    assert len(calls) == 1
+    # `pos` is the position of the last sampled token, never fed: 5 decode steps for 6 tokens.
+    assert int(last["state"]["pos"][0]) == len(prompt) + 6 - 1
+    one = g4.generate(model.params, [prompt], max_new_tokens=1, stop_tokens=())
+    assert len(calls) == 1 and list(one.tokens[0]) == [ref["greedy_0"][0]]
+
+
 def test_sliding_cache_shape_independent_of_max_len(fixtures_dir):
     model, _ = load_fixture(fixtures_dir, "e4b_tiny")
     c = model.config
