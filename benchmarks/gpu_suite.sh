@@ -99,29 +99,41 @@ note "|---|---|---|"
 # pytest processes side by side (and the fixtures one process each), which fits them into one
 # call (measured 2026-11-24: ~6.5 min for all four groups and every fixture in parallel).
 gpu_tests() {
-    local P="python3 -m pytest -v -p no:cacheprovider -m gpu"
+    local P="python3 -m pytest -v -p no:cacheprovider -m gpu" rc=0 pid
+    local pids=()
     export XLA_PYTHON_CLIENT_PREALLOCATE=false # several processes share the GPU
     # shellcheck disable=SC2086
-    $P tests/test_kernels_attention.py -k "FlashAttentionGpu" ${PYTEST_ARGS:-} >"$OUT/pytest_gpu.log" 2>&1 &
+    $P tests/test_kernels_attention.py -k "FlashAttentionGpu" ${PYTEST_ARGS:-} \
+        >"$OUT/pytest_gpu_1.log" 2>&1 &
+    pids+=($!)
     # shellcheck disable=SC2086
     $P tests/test_kernels_attention.py -k "DecodeAttentionGpu or QKNormRopeGpu or TritonLowering" \
         ${PYTEST_ARGS:-} >"$OUT/pytest_gpu_2.log" 2>&1 &
+    pids+=($!)
     # shellcheck disable=SC2086
     $P tests/test_kernels_qmatmul.py -k "decode or grouped or ragged or 26b" ${PYTEST_ARGS:-} \
         >"$OUT/pytest_gpu_3.log" 2>&1 &
+    pids+=($!)
     # shellcheck disable=SC2086
     $P tests/ -k "not test_kernels_attention and not (test_kernels_qmatmul and (decode or grouped or ragged or 26b))" \
         ${PYTEST_ARGS:-} >"$OUT/pytest_gpu_4.log" 2>&1 &
-    wait
-    cat "$OUT"/pytest_gpu_[234].log >>"$OUT/pytest_gpu.log"
-    rm -f "$OUT"/pytest_gpu_[234].log
-    ! grep -q -E "FAILED|ERROR" "$OUT/pytest_gpu.log"
+    pids+=($!)
+    # Each process's own exit status: a crashed pytest (abort, OOM kill) fails the step even
+    # though its log holds no FAILED line.
+    for pid in "${pids[@]}"; do
+        wait "$pid" || rc=1
+    done
+    return $rc
 }
 if want pytest; then
     export -f gpu_tests
     export OUT PYTEST_ARGS
+    rm -f "$OUT"/pytest_gpu_[1234].log
     run "pytest -m gpu (4 processes)" "${PYTEST_TIMEOUT_S:-400}" "$LOGS" bash -c gpu_tests
-    note "| pytest -m gpu: $(grep -c PASSED "$OUT/pytest_gpu.log") passed, $(grep -c FAILED "$OUT/pytest_gpu.log") failed | | |"
+    # Merged here, not inside gpu_tests: a timeout kills that shell before it could.
+    cat "$OUT"/pytest_gpu_[1234].log >"$OUT/pytest_gpu.log" 2>/dev/null
+    rm -f "$OUT"/pytest_gpu_[1234].log
+    note "| pytest -m gpu: $(grep -cE '::.* PASSED' "$OUT/pytest_gpu.log") passed, $(grep -cE '::.* FAILED' "$OUT/pytest_gpu.log") failed, $(grep -cE '::.* ERROR' "$OUT/pytest_gpu.log") errors | | |"
 fi
 if want fixtures; then
     if [ -f benchmarks/check_fixtures_gpu.py ]; then
@@ -167,7 +179,8 @@ fi
 {
     echo ""
     if [ -f "$OUT/pytest_gpu.log" ]; then
-        echo "pytest: $(grep -E '(passed|failed|error|skipped|deselected)' "$OUT/pytest_gpu.log" | tail -1)"
+        echo "pytest, each process's last line:"
+        grep -E '^=+ .*(passed|failed|error|skipped|deselected).* in [0-9.]+s' "$OUT/pytest_gpu.log"
         grep -E '^(FAILED|ERROR) ' "$OUT/pytest_gpu.log" | head -20
     fi
     if [ -f "$OUT/bench_e2e.json" ]; then

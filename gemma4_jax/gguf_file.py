@@ -36,6 +36,7 @@ __all__ = ["GGUFFile", "TensorInfo", "read_gguf"]
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+MAX_ARRAY_DEPTH = 64  # arrays of arrays: deeper than any real file, shallow enough to recurse
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -150,6 +151,7 @@ class _HeaderReader:
     def __init__(self, path: Path, buf: memoryview, size: int):
         self.path, self.buf, self.size = path, buf, size
         self.pos = 4  # after the magic
+        self.errors = "strict"  # utf-8 decoding of values; see _read_fields
 
     def need(self, n: int, what: str) -> None:
         if self.pos + n > self.size:
@@ -190,7 +192,7 @@ class _HeaderReader:
 
     def value(self, vtype: int, key: str) -> Any:
         if vtype == _STRING:
-            return str(self.raw_string(f"metadata {key!r}"), "utf-8")
+            return str(self.raw_string(f"metadata {key!r}"), "utf-8", self.errors)
         if vtype == _ARRAY:
             return self.array(key)
         fmt = _SCALARS.get(vtype)
@@ -201,7 +203,12 @@ class _HeaderReader:
         self.pos += fmt.size
         return v
 
-    def array(self, key: str) -> list:
+    def array(self, key: str, depth: int = 0) -> list:
+        if depth > MAX_ARRAY_DEPTH:  # a corrupt or hostile file; recursion would overflow
+            raise GGUFError(
+                f"{self.path}: unreadable GGUF: metadata {key!r} nests arrays deeper than "
+                f"{MAX_ARRAY_DEPTH}"
+            )
         itype = self.u32(f"metadata {key!r}")
         count = self.u64(f"metadata {key!r}")
         if itype == _STRING:
@@ -212,7 +219,7 @@ class _HeaderReader:
                 raise _unknown_value_type(self.path, key, itype)
             # Each inner array is at least its 12-byte header: reject absurd counts up front.
             self.need(12 * count, f"metadata {key!r}")
-            return [self.array(key) for _ in range(count)]
+            return [self.array(key, depth + 1) for _ in range(count)]
         n = count * dtype.itemsize
         self.need(n, f"metadata {key!r}")
         out = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
@@ -236,7 +243,7 @@ class _HeaderReader:
             if end > size:
                 self.pos = pos
                 self.need(n, what)
-            out[i] = str(buf[pos:end], "utf-8")
+            out[i] = str(buf[pos:end], "utf-8", self.errors)
             pos = end
         self.pos = pos
         return out
@@ -254,10 +261,17 @@ def _read_fields(r: _HeaderReader, count: int) -> tuple[dict[str, Any], int]:
         if key in fields:
             raise GGUFError(f"{r.path}: unreadable GGUF: metadata key {key!r} appears twice")
         vtype = r.u32(f"type of metadata {key!r}")
+        start = r.pos
         try:
             fields[key] = r.value(vtype, key)
         except UnicodeDecodeError as e:
-            raise GGUFError(f"{r.path}: metadata {key!r} is not valid UTF-8: {e}") from e
+            # The tokenizer needs its strings exact; any other text (llama.cpp writes names,
+            # descriptions, licenses unchecked) is informational: keep it, bad bytes replaced.
+            if key.startswith("tokenizer."):
+                raise GGUFError(f"{r.path}: metadata {key!r} is not valid UTF-8: {e}") from e
+            r.pos, r.errors = start, "replace"
+            fields[key] = r.value(vtype, key)
+            r.errors = "strict"
         if key == "general.alignment":
             alignment = _check_alignment(r.path, vtype, fields[key])
     return fields, alignment

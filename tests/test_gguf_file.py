@@ -248,6 +248,23 @@ def test_invalid_utf8_value_names_the_key(tmp_path):
         read_gguf(path)
 
 
+def test_invalid_utf8_outside_the_tokenizer_is_replaced(tmp_path):
+    """llama.cpp writes names and descriptions unchecked: a bad byte there must not make the
+    file unreadable (the old loader skipped such fields); the text keeps its other characters."""
+    path = _write(tmp_path, "name.gguf", _gguf([("general.name", 8, _str(b"ab\xffc"))]))
+    assert read_gguf(path).fields["general.name"] == "ab\ufffdc"
+
+
+def test_deeply_nested_arrays_are_a_gguf_error(tmp_path):
+    depth = 200  # arrays of arrays, each holding one array, then an empty uint8 array
+    value = struct.pack("<IQ", 4, 0)
+    for _ in range(depth):
+        value = struct.pack("<IQ", 9, 1) + value
+    path = _write(tmp_path, "deep.gguf", _gguf([("x", 9, value)]))
+    with pytest.raises(GGUFError, match="nests arrays deeper"):
+        read_gguf(path)
+
+
 def test_bad_alignment_and_duplicates(tmp_path):
     bad_align = _gguf([("general.alignment", 4, struct.pack("<I", 24))])
     with pytest.raises(GGUFError, match="general.alignment"):
