@@ -53,17 +53,16 @@ def worker(args) -> list[dict]:
 
     gen = sys.modules["gemma4_jax.generate"]
     t0 = time.perf_counter()
-    base = random_params(args.family, args.quant)
+    params = random_params(args.family, args.quant)
     build = time.perf_counter() - t0
     prompt = np.random.default_rng(0).integers(
-        3, base.config.vocab_size, (1, args.ctx), dtype=np.int32
+        3, params.config.vocab_size, (1, args.ctx), dtype=np.int32
     )
     rows = []
     for name in args.variants.split(","):
         os.environ["GEMMA4_JAX_KERNELS"] = VARIANTS[name][0]
         jax.clear_caches()
         gen._PROGRAMS.clear()
-        params = base
         try:
             t0 = time.perf_counter()
             g4.generate(params, prompt, max_new_tokens=args.steps, stop_tokens=())
@@ -105,7 +104,6 @@ def worker(args) -> list[dict]:
                 out["kernels_error"] = repr(e)[:300]
         print("RESULT " + json.dumps(out), flush=True)
         rows.append(out)
-        params = None
     return rows
 
 

@@ -232,28 +232,38 @@ def type_bytes(gtype: str, shape: Iterable[int]) -> int:
     return int(round(n * _bits(gtype) / 8))
 
 
-def mix_bytes(config: Gemma4Config, quant_mix: str) -> dict[str, int]:
-    """Total matrix bytes: the exact llama.cpp per-layer mix and the stacked one used here."""
-    L = config.n_layers
-    stacked_types = tensor_types(config, quant_mix)
-    exact = stacked = 0
-    for name, decl in global_decls(config).items():
-        if decl.matrix:
-            b = type_bytes(stacked_types[("global", name)], decl.shape)
-            exact += b
-            stacked += b
-    for si, (seg, slots) in enumerate(segment_layer_decls(config)):
+def layer_matrix_bytes(c: Gemma4Config, quant_mix: str, exact: bool) -> list[dict[str, int]]:
+    """Per layer: short name -> bytes of that matrix (expert tensors: all experts), in the
+    exact llama.cpp per-layer mix (`exact`) or the stacked one used here."""
+    stacked = None if exact else tensor_types(c, quant_mix)
+    out: list[dict[str, int]] = [dict() for _ in range(c.n_layers)]
+    for si, (seg, slots) in enumerate(segment_layer_decls(c)):
         for j, (_, decls) in enumerate(slots):
             for name, decl in decls.items():
                 if not decl.matrix:
                     continue
                 for p in range(seg.n_periods):
                     li = seg.layer_index(p, j)
-                    exact += type_bytes(
-                        ggml_type(_short(decl), li, decl.shape[-1], L, quant_mix), decl.shape
-                    )
-                    stacked += type_bytes(stacked_types[(si, j, name)], decl.shape)
-    return {"llama_cpp_exact": exact, "stacked": stacked}
+                    if exact:
+                        t = ggml_type(_short(decl), li, decl.shape[-1], c.n_layers, quant_mix)
+                    else:
+                        t = stacked[(si, j, name)]
+                    out[li][name] = type_bytes(t, decl.shape)
+    return out
+
+
+def mix_bytes(config: Gemma4Config, quant_mix: str) -> dict[str, int]:
+    """Total matrix bytes: the exact llama.cpp per-layer mix and the stacked one used here."""
+    types = tensor_types(config, quant_mix)
+    globals_ = sum(
+        type_bytes(types[("global", name)], decl.shape)
+        for name, decl in global_decls(config).items()
+        if decl.matrix
+    )
+    total = lambda exact: (
+        globals_ + sum(sum(m.values()) for m in layer_matrix_bytes(config, quant_mix, exact))
+    )
+    return {"llama_cpp_exact": total(True), "stacked": total(False)}
 
 
 # ---------------------------------------------------------------------------- random fields

@@ -26,35 +26,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.random_model import (  # noqa: E402
-    _short,
     family_config,
-    ggml_type,
+    layer_matrix_bytes,
     tensor_types,
     type_bytes,
 )
 from gemma4_jax.config import Gemma4Config, layer_plan  # noqa: E402
-from gemma4_jax.params import global_decls, layer_decls, segment_layer_decls  # noqa: E402
+from gemma4_jax.params import global_decls, layer_decls  # noqa: E402
 
 KV_BYTES = 2  # bf16 cache
-
-
-def _layer_matrix_bytes(c: Gemma4Config, quant_mix: str, exact: bool) -> list[dict[str, int]]:
-    """Per layer: short name -> bytes of that matrix (expert tensors: all experts)."""
-    stacked = None if exact else tensor_types(c, quant_mix)
-    out: list[dict[str, int]] = [dict() for _ in range(c.n_layers)]
-    for si, (seg, slots) in enumerate(segment_layer_decls(c)):
-        for j, (_, decls) in enumerate(slots):
-            for name, decl in decls.items():
-                if not decl.matrix:
-                    continue
-                for p in range(seg.n_periods):
-                    li = seg.layer_index(p, j)
-                    if exact:
-                        t = ggml_type(_short(decl), li, decl.shape[-1], c.n_layers, quant_mix)
-                    else:
-                        t = stacked[(si, j, name)]
-                    out[li][name] = type_bytes(t, decl.shape)
-    return out
 
 
 def decode_bytes(
@@ -62,7 +42,7 @@ def decode_bytes(
 ) -> dict[str, float]:
     """Bytes moved per decode step (all `batch` rows together), by part."""
     L = c.n_layers
-    per_layer = _layer_matrix_bytes(c, quant_mix, exact)
+    per_layer = layer_matrix_bytes(c, quant_mix, exact)
     g = global_decls(c)
     gtypes = tensor_types(c, quant_mix)
     layers = experts = 0.0

@@ -404,11 +404,7 @@ def generate_stream(
     loop = _program("decode_loop")
     kernels = ops.kernel_mode()
     seen = 0
-    first = True
     while True:
-        if not first:
-            state = loop(params, state, stop_arr, kernels=kernels, sampler=sampler, n_steps=chunk)
-        first = False
         step = int(state["step"])
         new = np.asarray(state["tokens"][:, seen:step])
         seen = step
@@ -424,6 +420,7 @@ def generate_stream(
         }
         if finished:
             return
+        state = loop(params, state, stop_arr, kernels=kernels, sampler=sampler, n_steps=chunk)
 
 
 def generate(

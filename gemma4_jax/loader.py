@@ -43,21 +43,13 @@ class Model:
         return self.params.config
 
 
-def _numpy_shape(t) -> tuple[int, ...]:
-    return tuple(t.numpy_shape)
-
-
-def _type_name(t) -> str:
-    return t.tensor_type.name
-
-
 class _TensorSource:
     """Name -> (checked) tensor access on one reader."""
 
     def __init__(self, path: Path, reader: GGUFFile, dtype: str):
         self.path, self.dtype = path, dtype
         self.tensors = {t.name: t for t in reader.tensors}
-        self.types = collections.Counter(_type_name(t) for t in reader.tensors)
+        self.types = collections.Counter(t.tensor_type.name for t in reader.tensors)
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -67,7 +59,7 @@ class _TensorSource:
         t = self.tensors.get(name)
         if t is None:
             raise GGUFError(f"{self.path}: missing tensor {name!r}")
-        shape = _numpy_shape(t)
+        shape = t.numpy_shape
         if shape != decl.shape:
             raise GGUFError(
                 f"{self.path}: tensor {name!r} has shape {shape}, expected "
@@ -79,7 +71,7 @@ class _TensorSource:
         """Matrices `names` (one type, declared shape) repacked on the device, stacked if
         `stacked` (see `quant.from_gguf_on_device`)."""
         ts = [self.checked(n, decl) for n in names]
-        kinds = {_type_name(t) for t in ts}
+        kinds = {t.tensor_type.name for t in ts}
         if len(kinds) > 1:  # the layer plan groups layers by storage type: a mismatch is a bug
             raise GGUFError(f"{self.path}: tensors {names} mix types {sorted(kinds)}")
         try:
@@ -99,7 +91,7 @@ class _TensorSource:
                 arr = gguf.quants.dequantize(t.data, t.tensor_type)
             except NotImplementedError as e:
                 raise GGUFError(
-                    f"{self.path}: tensor {name!r} has unsupported type {_type_name(t)}"
+                    f"{self.path}: tensor {name!r} has unsupported type {t.tensor_type.name}"
                 ) from e
             return np.asarray(arr, np.float32).reshape(shape)
         try:
@@ -149,9 +141,9 @@ def load(
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
     config = config_from_gguf(
         fields,
-        {n: _type_name(t) for n, t in src.tensors.items()},
+        {n: t.tensor_type.name for n, t in src.tensors.items()},
         str(path),
-        vocab_size=_numpy_shape(embd)[0],
+        vocab_size=embd.numpy_shape[0],
     )
 
     todo = list(global_decls(config).items())
