@@ -1,4 +1,5 @@
-"""Where does batch-1 decode time go? E4B Q8_0 decode under kernel modes and XLA flags.
+"""Where does decode time go? E4B decode (batch 1 or `--batch`) under kernel modes, XLA flags
+and dispatch switches.
 
 Each variant runs in a fresh subprocess (XLA flags are read at backend start): random E4B
 params of the real shapes (benchmarks/random_model.py), one `generate` at context 128 to
@@ -29,14 +30,15 @@ CMDBUF_NO_WHILE = (
     "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
     "--xla_gpu_graph_min_graph_size=1"
 )
-# name -> (kernel mode, XLA flags)
+# name -> (kernel mode, XLA flags, environment read at trace time)
 VARIANTS = {
-    "reference": ("reference", ""),
-    "auto": ("auto", ""),
-    "pallas": ("pallas", ""),
-    "reference+cmdbuf": ("reference", CMDBUF),
-    "auto+cmdbuf": ("auto", CMDBUF),
-    "auto+cmdbuf_nowhile": ("auto", CMDBUF_NO_WHILE),
+    "reference": ("reference", "", {}),
+    "auto": ("auto", "", {}),
+    "auto-packed": ("auto", "", {"GEMMA4_JAX_PACKED_MATVEC": "0"}),
+    "pallas": ("pallas", "", {}),
+    "reference+cmdbuf": ("reference", CMDBUF, {}),
+    "auto+cmdbuf": ("auto", CMDBUF, {}),
+    "auto+cmdbuf_nowhile": ("auto", CMDBUF_NO_WHILE, {}),
 }
 
 
@@ -56,11 +58,14 @@ def worker(args) -> list[dict]:
     params = random_params(args.family, args.quant)
     build = time.perf_counter() - t0
     prompt = np.random.default_rng(0).integers(
-        3, params.config.vocab_size, (1, args.ctx), dtype=np.int32
+        3, params.config.vocab_size, (args.batch, args.ctx), dtype=np.int32
     )
     rows = []
+    base_env = dict(os.environ)
     for name in args.variants.split(","):
-        os.environ["GEMMA4_JAX_KERNELS"] = VARIANTS[name][0]
+        mode, _, env = VARIANTS[name]
+        os.environ.clear()
+        os.environ.update(base_env, GEMMA4_JAX_KERNELS=mode, **env)
         jax.clear_caches()
         gen._PROGRAMS.clear()
         try:
@@ -78,7 +83,7 @@ def worker(args) -> list[dict]:
                 "build_s": build,
                 "first_call_s": first,
                 "decode_s": dec,
-                "tok_s": args.steps / med,
+                "tok_s": args.batch * args.steps / med,
                 "ms_per_step": 1e3 * med / args.steps,
             }
         except Exception as e:  # one failing variant must not sink the others
@@ -87,13 +92,13 @@ def worker(args) -> list[dict]:
             try:  # kernel launches per decode step, from the compiled decode_step
                 from hlo_stats import kernel_stats
 
-                cache = g4.init_cache(params, 1, 256)
+                cache = g4.init_cache(params, args.batch, 256)
                 prog = gen._program("decode_step")
                 lowered = prog.lower(
                     params,
-                    np.zeros((1,), np.int32),
+                    np.zeros((args.batch,), np.int32),
                     cache,
-                    np.zeros((1,), np.int32),
+                    np.zeros((args.batch,), np.int32),
                     kernels=g4.kernel_mode(),
                 )
                 stats = kernel_stats(lowered.compile().as_text())
@@ -113,6 +118,7 @@ def main():
     ap.add_argument("--family", default="e4b")
     ap.add_argument("--quant", default="q8_0")
     ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together (tok/s: all rows)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--timeout", type=int, default=300, help="per process (one XLA flag set)")
     ap.add_argument("--count", action="store_true", help="count launches (one more compile)")
@@ -131,7 +137,7 @@ def main():
     for flags, names in groups.items():
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
         cmd = [sys.executable, __file__, "--worker", "--variants", ",".join(names)]
-        for opt in ("family", "quant", "ctx", "steps"):
+        for opt in ("family", "quant", "ctx", "batch", "steps"):
             cmd += [f"--{opt}", str(getattr(args, opt))]
         if args.count:
             cmd.append("--count")
@@ -151,7 +157,8 @@ def main():
             print(json.dumps(row), flush=True)
         rows += got
     print(
-        f"\n{args.family} {args.quant}, batch 1, context {args.ctx}, {args.steps} steps\n"
+        f"\n{args.family} {args.quant}, batch {args.batch}, context {args.ctx}, "
+        f"{args.steps} steps\n"
         "| variant | tok/s | ms/step | first call s | kernels/step |\n|---|---|---|---|---|"
     )
     for r in rows:

@@ -65,12 +65,12 @@ def profile(args) -> None:
 
     params = random_params(args.family, args.quant)
     prompt = np.random.default_rng(0).integers(
-        3, params.config.vocab_size, (1, args.ctx), dtype=np.int32
+        3, params.config.vocab_size, (args.batch, args.ctx), dtype=np.int32
     )
-    cache = g4.init_cache(params, 1, args.ctx + 64)
+    cache = g4.init_cache(params, args.batch, args.ctx + 64)
     logits, cache = g4.prefill(params, prompt, cache)
     tok = jax.numpy.argmax(logits, -1).astype(jax.numpy.int32)
-    pos = args.ctx
+    pos = np.full((args.batch,), args.ctx, np.int32)
     for _ in range(2):
         logits, cache = g4.decode_step(params, tok, cache, pos)
         pos += 1
@@ -100,7 +100,8 @@ def profile(args) -> None:
     jax.profiler.stop_trace()
     report = trace_report(trace_dir, args.first)
     header = (
-        f"# decode_step kernels: {args.family} {args.quant}, context {args.ctx}, "
+        f"# decode_step kernels: {args.family} {args.quant}, batch {args.batch}, "
+        f"context {args.ctx}, "
         f"kernels={g4.kernel_mode()}\n\n"
         f"wall per step, 20 steps of one dispatch each: {ms:.3f} ms\n\n"
     )
@@ -220,6 +221,7 @@ def main() -> None:
     ap.add_argument("--family", default="e4b")
     ap.add_argument("--quant", default="q8_0")
     ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ncu", action="store_true", help="profiler window for ncu, no trace")
     ap.add_argument("--out", type=Path, help="write the trace report (markdown) here")
     ap.add_argument("--summarize", type=Path, help="an ncu --csv log to summarise")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from . import quant
+from . import matvec, quant
 
 MODES = ("reference", "pallas", "auto")
 _MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("gemma4_kernels", default=None)
@@ -158,6 +158,8 @@ def matmul(x: jax.Array, w: quant.QTensor) -> jax.Array:
             call = _shard_map(call, (rows, jax.tree.map(lambda _: P(), fields)), rows)
         y = call(x2, fields)
         return y.reshape(*lead, y.shape[-1])
+    if _packed_matvec() and matvec.supports(x, w):
+        return matvec.matvec(x, w)
     if isinstance(w, quant.F32) and x.dtype != jnp.float32:
         # Weights keep the precision the file stores them in: bf16 compute rounds activations,
         # not an F32 file's weights (that alone moves fixture logits by up to ~4).
@@ -166,6 +168,12 @@ def matmul(x: jax.Array, w: quant.QTensor) -> jax.Array:
 
 
 _PALLAS_MATMUL_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _packed_matvec() -> bool:
+    """Batch-1 matmuls as reductions over the packed bytes (matvec.py): `auto` mode only, so
+    `reference` stays dequantize-then-dot. GEMMA4_JAX_PACKED_MATVEC=0 turns it off (A/B runs)."""
+    return kernel_mode() == "auto" and os.environ.get("GEMMA4_JAX_PACKED_MATVEC", "1") != "0"
 
 
 def _matmul_kernel_ok() -> bool:

@@ -1,0 +1,81 @@
+"""Packed-byte batch-1 matvecs (gemma4_jax/matvec.py) against the dequantize-then-dot reference.
+
+Raw ggml blocks of random bits (finite f16 scales) go through the loader's own repack, so every
+nibble, high bit and scale position is exercised. In f32 the weight values are identical to
+`dequantize`'s and only the summation order differs; in bf16 the reference also rounds the
+weight to bf16, the matvec does not.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_kernels_qmatmul import random_raw_blocks, random_x
+
+from gemma4_jax import matvec, ops, quant
+
+TOL = {jnp.float32: 2e-6, jnp.bfloat16: 1e-2}
+
+
+def _weight(fmt: str, n: int, k: int, seed: int = 0) -> quant.QTensor:
+    from gguf import GGMLQuantizationType
+
+    raw = random_raw_blocks(fmt, n, k, seed)
+    return quant.from_gguf(raw, GGMLQuantizationType[fmt], (n, k))
+
+
+def _check(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    out = np.asarray(out.astype(jnp.float32))
+    ref = np.asarray(ref.astype(jnp.float32))
+    # Per output: |error| against the size of the terms summed (sum |w| |x|), since a dot of
+    # random signs can cancel to ~0 where a relative error means nothing.
+    err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
+    assert np.isfinite(out).all()
+    assert err <= TOL[dtype], f"max error {err:.3g} x max|ref|"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("fmt", matvec.FORMATS)
+@pytest.mark.parametrize("n,k", [(40, 512), (17, 768)])
+def test_matches_reference(fmt, dtype, n, k):
+    w = _weight(fmt, n, k, seed=n + k)
+    x = random_x((1, 1, k), dtype, seed=k)
+    ref = quant.matmul_reference(x, w)
+    out = matvec.matvec(x, w)
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K", "Q6_K"])
+def test_f32_weights_are_the_dequantized_values(fmt):
+    # One-hot activations pick single weights: the matvec must reproduce each dequantized value
+    # exactly (same f32 operations), whatever the nibble / high-bit position.
+    n, k = 8, 256
+    w = _weight(fmt, n, k, seed=3)
+    dense = np.asarray(w.dequantize(jnp.float32))
+    for col in (0, 1, 15, 16, 31, 32, 63, 64, 100, 127, 128, 200, 255):
+        x = jnp.zeros((1, k), jnp.float32).at[0, col].set(1.0)
+        np.testing.assert_array_equal(np.asarray(matvec.matvec(x, w))[0], dense[:, col])
+
+
+def test_supports_and_errors():
+    w = _weight("Q4_K", 8, 256)
+    assert matvec.supports(jnp.zeros((1, 1, 256)), w)
+    assert not matvec.supports(jnp.zeros((2, 256)), w)
+    assert not matvec.supports(jnp.zeros((1, 256)), quant.F32(jnp.zeros((8, 256))))
+    with pytest.raises(ValueError, match="one row"):
+        matvec.matvec(jnp.zeros((2, 256)), w)
+    with pytest.raises(ValueError, match="contract"):
+        matvec.matvec(jnp.zeros((1, 512)), w)
+
+
+def test_auto_mode_dispatch_matches_reference():
+    # ops.matmul routes batch-1 calls through the packed matvec in `auto` mode (the GPU default).
+    w = _weight("Q6_K", 24, 512, seed=5)
+    x = random_x((1, 1, 512), jnp.bfloat16, seed=7)
+    with ops.use_kernels("reference"):
+        ref = ops.matmul(x, w)
+    with ops.use_kernels("auto"):
+        out = ops.matmul(x, w)
+    _check(out, ref, jnp.bfloat16)
