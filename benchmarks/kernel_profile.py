@@ -83,6 +83,10 @@ def profile(args) -> None:
     jax.block_until_ready(logits)
     ms = 1e3 * (time.perf_counter() - t0) / n
     print(f"decode_step wall (one dispatch per step): {ms:.3f} ms")
+    if args.hlo:  # the optimised HLO of the step, to name what the profile's kernels are
+        prog = sys.modules["gemma4_jax.generate"]._program("decode_step")
+        lowered = prog.lower(params, tok, cache, pos, kernels=g4.kernel_mode())
+        Path(args.hlo).write_text(lowered.compile().as_text())
     if args.ncu:
         _profiler(True)
         logits, cache = g4.decode_step(params, tok, cache, pos)
@@ -222,6 +226,7 @@ def main() -> None:
     ap.add_argument("--quant", default="q8_0")
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--hlo", type=Path, help="also write the compiled decode_step HLO here")
     ap.add_argument("--ncu", action="store_true", help="profiler window for ncu, no trace")
     ap.add_argument("--out", type=Path, help="write the trace report (markdown) here")
     ap.add_argument("--summarize", type=Path, help="an ncu --csv log to summarise")
