@@ -35,6 +35,7 @@ VARIANTS = {
     "reference": ("reference", "", {}),
     "auto": ("auto", "", {}),
     "auto-packed": ("auto", "", {"GEMMA4_JAX_PACKED_MATVEC": "0"}),
+    "auto-batchq": ("auto", "", {"GEMMA4_JAX_BATCH_QMATMUL": "0"}),
     "pallas": ("pallas", "", {}),
     "reference+cmdbuf": ("reference", CMDBUF, {}),
     "auto+cmdbuf": ("auto", CMDBUF, {}),

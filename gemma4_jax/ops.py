@@ -4,8 +4,9 @@ The model calls `matmul`, `expert_matmul`, `flash_attention`, `decode_attention`
 `qk_norm_rope`; each runs either the pure-jnp reference or a Pallas kernel, chosen by
 `GEMMA4_JAX_KERNELS` = `reference` | `pallas` | `auto` (default: `auto` on GPU, `reference`
 on CPU; `pallas` on CPU runs the kernels in interpret mode; `auto` uses the Pallas attention
-and norm+RoPE kernels and the grouped expert kernel for MoE prefill, but XLA's fused
-dequantize+dot for the other matmuls). The mode is read when a
+and norm+RoPE kernels, the grouped expert kernel for MoE prefill and the quantized matmul
+kernel for batched decode (8-64 rows), and XLA for the other matmuls: batch-1 ones as
+reductions over the packed bytes (matvec.py), prefill as dequantize+dot). The mode is read when a
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
 takes effect.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 import os
 
 import jax
@@ -73,11 +75,27 @@ def _pallas() -> bool:
     return kernel_mode() in ("pallas", "auto")
 
 
-def _pallas_matmul() -> bool:
-    """Pallas quantized matmuls: only in `pallas` mode. `auto` keeps XLA's fused
-    dequantize+dot, which measured as fast or faster at most decode shapes on jax 0.11
-    (benchmarks/RESULTS.md)."""
-    return kernel_mode() == "pallas"
+# `auto` sends matmuls with this many rows (batched decode) to the Pallas kernel: there XLA
+# writes the dequantized weight to memory before its GEMM (the profile of a batch-32 E4B step:
+# 6.1 of 13 ms in those converts), while the kernel reads each quantized tile once. Fewer rows:
+# XLA's fused reductions (and matvec.py) are as fast or faster; more rows (prefill): the
+# converted weight is amortised over the rows and XLA's GEMM wins (benchmarks/RESULTS.md).
+AUTO_PALLAS_ROWS = (8, 64)
+
+
+def _pallas_matmul(rows: int | None = None) -> bool:
+    """Pallas quantized matmuls: always in `pallas` mode; in `auto` mode for `rows` within
+    AUTO_PALLAS_ROWS (GEMMA4_JAX_BATCH_QMATMUL=0 turns that off, for A/B runs)."""
+    mode = kernel_mode()
+    if mode == "pallas":
+        return True
+    lo, hi = AUTO_PALLAS_ROWS
+    return (
+        mode == "auto"
+        and rows is not None
+        and lo <= rows <= hi
+        and os.environ.get("GEMMA4_JAX_BATCH_QMATMUL", "1") != "0"
+    )
 
 
 # ---------------------------------------------------------------------------- meshes
@@ -145,7 +163,8 @@ def _fields(w: quant.QTensor) -> dict:
 
 def matmul(x: jax.Array, w: quant.QTensor) -> jax.Array:
     """x[..., K] @ w[N, K]^T -> [..., N] in x.dtype, f32 accumulation."""
-    if _pallas_matmul() and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
+    rows = math.prod(x.shape[:-1])
+    if _pallas_matmul(rows) and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
         from pallas_kernels import qmatmul as qk
 
         lead = x.shape[:-1]

@@ -127,8 +127,10 @@ class BlockSizes:
             bk = (64 * 32 * warps * spec.runs) // ((self.block_m or bm) * (self.block_n or bn))
             bk = max(spec.block, min(256, _floor_pow2(bk)))
         elif m <= DECODE_MAX_M:
+            # Swept on the H100 at M = 32 over the E4B layer shapes (benchmarks/RESULTS.md run
+            # k): 32-element blocks do best with 128 K per step (4 blocks), super-blocks with one.
             bm = max(_MIN_DOT, _compat.next_pow2(m))
-            bn, bk, warps, stages = 64, 256, 4, 3
+            bn, bk, warps, stages = 64, (128 if spec.block == 32 else 256), 4, 3
         else:
             # Shared memory per pipeline stage is about x [bm, K per step] + W's bytes; a
             # K-quant step is a whole super-block (x: 64 KiB at bm=128), so 2 stages there

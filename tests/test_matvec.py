@@ -79,3 +79,22 @@ def test_auto_mode_dispatch_matches_reference():
     with ops.use_kernels("auto"):
         out = ops.matmul(x, w)
     _check(out, ref, jnp.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "rows,kernel", [(1, False), (4, False), (8, True), (64, True), (65, False)]
+)
+def test_auto_mode_sends_batched_rows_to_the_kernel(monkeypatch, rows, kernel):
+    # Batched decode (8-64 rows) takes the Pallas quantized matmul in `auto` mode (interpret
+    # mode here), fewer or more rows stay on XLA; the answer is the reference's either way.
+    from pallas_kernels import qmatmul as qk
+
+    calls = []
+    real = qk.qmatmul
+    monkeypatch.setattr(qk, "qmatmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    w = _weight("Q8_0", 16, 256, seed=rows)
+    x = random_x((rows, 256), jnp.float32, seed=rows)
+    with ops.use_kernels("auto"):
+        out = ops.matmul(x, w)
+    assert bool(calls) == kernel
+    _check(out, quant.matmul_reference(x, w), jnp.float32)
