@@ -199,7 +199,7 @@ def layer(
     (k, v) over the same chunk. ctx["mode"] == "cache": h[B,1,D] at ctx["pos"][B];
     ctx["cache"] = (k, v, period): the segment's stacked caches [n,B,S,K,d] and this layer's
     period (own K/V layers write the new token there first and return the updated stacks);
-    ctx["donor_cache"] maps donor layer -> (k, v) cache [B,S,K,d].
+    ctx["donor_cache"] maps donor layer -> (k, v, period): its segment's stacked caches.
     """
     eps, dt = c.rms_eps, ctx["dtype"]
     b, t, _ = h.shape
@@ -222,11 +222,14 @@ def layer(
                     kfull, vfull, k[:, 0], v[:, 0], ctx["pos"], s.sliding, period
                 )
                 new = (kfull, vfull)
-                kc, vc = kfull[period], vfull[period]
             else:
-                kc, vc = ctx["donor_cache"][s.kv_donor]
+                kfull, vfull, period = ctx["donor_cache"][s.kv_donor]
                 new = None
-            a = ops.decode_attention(q[:, 0], kc, vc, ctx["pos"], ring=s.sliding)[:, None]
+            # The stacks go in whole: kfull[period] before the kernel (a custom call) would be
+            # a copy of this layer's cache every layer of every step; the kernel indexes them.
+            a = ops.decode_attention(
+                q[:, 0], kfull, vfull, ctx["pos"], ring=s.sliding, layer=period
+            )[:, None]
         a = ops.matmul(a.reshape(b, t, c.n_heads * s.head_dim), p["attn_output"])
         h = h + rms_norm(a, p["post_attention_norm"], eps)
 
@@ -387,7 +390,13 @@ def _donor_caches(c: Gemma4Config, seg, cache) -> dict[int, tuple]:
             continue
         si, period, slot = locate(c, s.kv_donor)
         d = cache[si][slot]
-        out[s.kv_donor] = (d["k"][period], d["v"][period])
+        # The whole stacks, not d["k"][period]: before a custom call that static slice is a
+        # copy of the donor's cache every decode step (~64 MB for a global donor at 32K). The
+        # stacks enter the layer scan as read-only operands, which XLA's copy insertion (shared
+        # by CPU and GPU) does not copy: checked in XLA:CPU's optimised HLO of a scan feeding
+        # an opaque custom call, where the slice showed up as a copy and the stack as none.
+        # Only the jnp reference path still slices, per shared layer.
+        out[s.kv_donor] = (d["k"], d["v"], period)
     return out
 
 

@@ -312,26 +312,36 @@ def flash_attention(q, k, v, q_start, *, window: int | None, scale: float = 1.0)
     return fa.flash_attention_reference(q, k, v, q_start, window=window, scale=scale)
 
 
-def decode_attention(q, k, v, pos, *, ring: bool, scale: float = 1.0):
-    """One query per row against a cache. q[B,H,D], k/v[B,S,Hk,D], pos[B]."""
+def decode_attention(q, k, v, pos, *, ring: bool, scale: float = 1.0, layer=None):
+    """One query per row against a cache. q[B,H,D], k/v[B,S,Hk,D], pos[B]; or stacked
+    k/v[L,B,S,Hk,D] with layer (int32 [] or [1]): the kernel reads k[layer] in place, where a
+    slice before the call would copy that layer's cache (see pallas_kernels/decode_attention)."""
     from pallas_kernels import decode_attention as da
 
+    if layer is not None:
+        layer = jnp.asarray(layer, jnp.int32)
     if _pallas():
-        call = lambda q, k, v, pos: da.decode_attention(
-            q, k, v, pos, ring=ring, scale=scale, interpret=_interpret()
+        call = lambda q, k, v, pos, layer: da.decode_attention(
+            q, k, v, pos, ring=ring, scale=scale, layer=layer, interpret=_interpret()
         )
         mesh = _mesh()
         if mesh is not None:
             b = _split(mesh, "data", q.shape[0])
-            hq, hkv, group = _head_split(mesh, q.shape[1], k.shape[2])
+            hq, hkv, group = _head_split(mesh, q.shape[1], k.shape[-2])
+            if layer is not None and group:
+                # Replicated KV heads: each device slices out its head (`_kv_slice`), a copy
+                # the kernel cannot avoid; take the layer first so that copy is one layer's.
+                take = lambda a: jax.lax.dynamic_index_in_dim(a, layer.reshape(()), 0, False)
+                k, v, layer = take(k), take(v), None
+            kv = P(b, None, hkv, None) if layer is None else P(None, b, None, hkv, None)
             kernel = call
             call = _shard_map(
-                lambda q, k, v, pos: kernel(q, *_kv_slice(k, v, group), pos),
-                (P(b, hq, None), P(b, None, hkv, None), P(b, None, hkv, None), P(b)),
+                lambda q, k, v, pos, layer: kernel(q, *_kv_slice(k, v, group), pos, layer),
+                (P(b, hq, None), kv, kv, P(b), P()),
                 P(b, hq, None),
             )
-        return call(q, k, v, pos)
-    return da.decode_attention_reference(q, k, v, pos, ring=ring, scale=scale)
+        return call(q, k, v, pos, layer)
+    return da.decode_attention_reference(q, k, v, pos, ring=ring, scale=scale, layer=layer)
 
 
 def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):

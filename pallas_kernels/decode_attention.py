@@ -3,9 +3,17 @@
 Contract (docs/LAYOUT.md): ``q[B,H,D]``, ``k, v[B,S,Hk,D]``, ``pos[B]``; the current token is
 already in the cache. ``ring=False`` (global cache): slot ``s`` holds position ``s``, visible iff
 ``s <= pos``. ``ring=True`` (sliding layer, ``S == window``): slot ``s`` holds position
-``pos - ((pos - s) mod S)``, visible iff that position is ``>= 0``.
+``pos - ((pos - s) mod S)``, visible iff that position is ``>= 0``. Stacked form: ``k, v`` may
+be ``[L,B,S,Hk,D]`` (the model's per-period caches, carried by its layer scan) with ``layer``
+(a traced int32 of shape ``()`` or ``(1,)``, clamped to ``[0, L)`` as jnp indexing does) naming
+the one to read; the result is that of ``k[layer], v[layer]``.
 
 What is notable here:
+- The stacked cache is read in place: a jnp ``k[layer]`` before the call would be a copy of the
+  whole layer cache (XLA materialises the operands of a custom call), every layer of every
+  decode step. The kernel's block covers the whole ``L`` axis and it adds ``layer`` (loaded
+  from a one-element ref: the Triton lowering has no scalar prefetch) to its load offsets. The
+  unstacked form is the stack with ``L = 1`` (a free reshape), so there is one kernel.
 - Both cache kinds reduce to one rule: the visible slots are exactly ``s < n`` with
   ``n = min(pos + 1, S)``. For the ring, a slot's position is ``>= 0`` iff ``s <= pos`` or the
   ring has wrapped (``pos >= S - 1``); softmax does not care about slot order, so the ring is
@@ -96,9 +104,10 @@ class BlockSizes:
 
 def _decode_kernel(
     n_ref,  # [] int32: visible slots of this row, min(pos + 1, S)
+    layer_ref,  # [] int32: which of the L stacked caches to read, in [0, L)
     q_ref,  # [G, D]: the query heads of this kv head
-    k_ref,  # [S, D]: the whole cache of this (row, kv head), read in place
-    v_ref,  # [S, D]
+    k_ref,  # [L, S, D]: every stacked cache of this (row, kv head), read in place at [layer]
+    v_ref,  # [L, S, D]
     acc_ref,  # [G, D] f32: unnormalised partial output of this split
     m_ref,  # [G] f32: running max of this split, log2 units (MASK_VALUE if it saw nothing)
     l_ref,  # [G] f32: running softmax denominator of this split
@@ -114,6 +123,7 @@ def _decode_kernel(
     d = q_ref.shape[-1]
     j = pl.program_id(2)
     n = n_ref[()]
+    layer = layer_ref[()]
     # This split's share of the live blocks [0, cdiv(n, bk)): a run-time partition.
     n_blocks = lax.div(jnp.maximum(n, 0) + (bk - 1), bk)
     per_split = lax.div(n_blocks + (k_splits - 1), k_splits)
@@ -127,8 +137,9 @@ def _decode_kernel(
         acc, m_i, l_i = carry  # [rows, D] f32, [rows] f32, [rows] f32
         s0 = kb * bk
         col_ok = (s0 + jnp.arange(bk, dtype=jnp.int32)) < n  # [bk]
-        k = _compat.load(k_ref.at[pl.ds(s0, bk)], mask=col_ok[:, None], other=0)  # [bk, D]
-        v = _compat.load(v_ref.at[pl.ds(s0, bk)], mask=col_ok[:, None], other=0)  # [bk, D]
+        kv_tile = (layer, pl.ds(s0, bk))
+        k = _compat.load(k_ref.at[kv_tile], mask=col_ok[:, None], other=0)  # [bk, D]
+        v = _compat.load(v_ref.at[kv_tile], mask=col_ok[:, None], other=0)  # [bk, D]
         s = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )  # [rows, bk]
@@ -157,15 +168,23 @@ def _decode_kernel(
     _compat.store(l_ref.at[pl.ds(0, rows)], l_i, mask=row_ok)
 
 
-def _validate(q, k, v, pos, ring, scale, block_sizes):
+def _validate(q, k, v, pos, ring, scale, block_sizes, layer):
     if q.ndim != 3:
         raise ValueError(f"{q.shape=} must be [B, H, D]")
-    if k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"{k.shape=} and {v.shape=} must be equal and [B, S, Hk, D]")
+    if layer is None:
+        if k.ndim != 4 or k.shape != v.shape:
+            raise ValueError(f"{k.shape=} and {v.shape=} must be equal and [B, S, Hk, D]")
+    else:
+        if k.ndim != 5 or k.shape != v.shape:
+            raise ValueError(
+                f"{k.shape=} and {v.shape=} must be equal and [L, B, S, Hk, D] with a layer"
+            )
+        if jnp.size(layer) != 1 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+            raise ValueError(f"{jnp.shape(layer)=} must be one integer (shape () or (1,))")
     batch, heads, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[3] != head_dim:
+    if k.shape[-4] != batch or k.shape[-1] != head_dim:
         raise ValueError(f"{k.shape=} must match {q.shape=} in batch and head dim")
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[-2]
     if heads % kv_heads != 0:
         raise ValueError(f"{heads=} must be a multiple of {kv_heads=}")
     if head_dim < 16 or not _compat.is_pow2(head_dim):
@@ -187,19 +206,25 @@ def _validate(q, k, v, pos, ring, scale, block_sizes):
 @functools.partial(jax.jit, static_argnames=["ring", "scale", "interpret", "block_sizes"])
 def decode_attention(
     q: jax.Array,  # [B, H, D]
-    k: jax.Array,  # [B, S, Hk, D]
-    v: jax.Array,  # [B, S, Hk, D]
+    k: jax.Array,  # [B, S, Hk, D], or [L, B, S, Hk, D] with `layer`
+    v: jax.Array,  # like k
     pos: jax.Array,  # [B] int: position of the current (already written) token
     *,
     ring: bool,
     scale: float = 1.0,
+    layer: jax.Array | int | None = None,  # [] or [1] int: which of the L stacked caches
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
 ) -> jax.Array:  # [B, H, D], q.dtype
     """One query token per row against a global or ring KV cache; see the module doc."""
-    _validate(q, k, v, pos, ring, scale, block_sizes)
+    _validate(q, k, v, pos, ring, scale, block_sizes, layer)
+    if layer is None:
+        k, v, layer = k[None], v[None], 0  # a stack of one (a reshape: no copy)
+    n_layers = k.shape[0]
+    # Clamped like jnp's k[layer], so a bad index can never read outside the stack on the GPU.
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(1), 0, n_layers - 1)  # [1]
     batch, heads, head_dim = q.shape
-    seq_k, kv_heads = k.shape[1], k.shape[2]
+    seq_k, kv_heads = k.shape[2], k.shape[3]
     group = heads // kv_heads
     rows = max(16, _compat.next_pow2(group))  # Triton dots need M >= 16
     bs = (block_sizes or BlockSizes()).resolve(
@@ -242,9 +267,12 @@ def decode_attention(
         grid=(batch, kv_heads, bs.k_splits),
         in_specs=[
             pl.BlockSpec((None,), lambda b, h, j: (b,)),
+            pl.BlockSpec((None,), lambda b, h, j: (0,)),
             pl.BlockSpec((None, group, head_dim), lambda b, h, j: (b, h, 0)),
-            pl.BlockSpec((None, seq_k, None, head_dim), lambda b, h, j: (b, 0, h, 0)),
-            pl.BlockSpec((None, seq_k, None, head_dim), lambda b, h, j: (b, 0, h, 0)),
+            # The whole L axis: the layer is picked inside the kernel (index maps cannot read
+            # a traced value without scalar prefetch, which the Triton lowering lacks).
+            pl.BlockSpec((n_layers, None, seq_k, None, head_dim), lambda b, h, j: (0, b, 0, h, 0)),
+            pl.BlockSpec((n_layers, None, seq_k, None, head_dim), lambda b, h, j: (0, b, 0, h, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, group, head_dim), lambda b, h, j: (b, j, h, 0)),
@@ -259,7 +287,7 @@ def decode_attention(
         compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(n, q, k, v)
+    )(n, layer, q, k, v)
 
     # Exact log-sum-exp combine of the splits (log2 units, as the kernel keeps them).
     m_max = jnp.max(m, axis=1, keepdims=True)  # [B, 1, H]
@@ -276,17 +304,22 @@ def decode_attention(
 @functools.partial(jax.jit, static_argnames=["ring", "scale"])
 def decode_attention_reference(
     q: jax.Array,  # [B, H, D]
-    k: jax.Array,  # [B, S, Hk, D]
-    v: jax.Array,  # [B, S, Hk, D]
+    k: jax.Array,  # [B, S, Hk, D], or [L, B, S, Hk, D] with `layer`
+    v: jax.Array,  # like k
     pos: jax.Array,  # [B] int
     *,
     ring: bool,
     scale: float = 1.0,
+    layer: jax.Array | int | None = None,  # [] or [1] int: which of the L stacked caches
 ) -> jax.Array:  # [B, H, D], q.dtype
     """Plain jnp decode attention, slot visibility written as in the contract; f32 softmax.
 
     Einsum letters: b batch, s cache slot, k kv head, g query head within the group, d head dim.
     """
+    if layer is not None:  # the reference may slice (and dynamic indexing clamps to [0, L))
+        layer = jnp.asarray(layer, jnp.int32).reshape(())
+        k = lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)
+        v = lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
     batch, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads

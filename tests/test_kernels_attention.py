@@ -376,6 +376,175 @@ class TestDecodeAttentionGpu(TestDecodeAttention):
     cases = DECODE_GPU
 
 
+# ------------------------------------------------------------------------ stacked decode caches
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedCase:
+    """``base``'s shapes as one of ``n_layers`` stacked caches (the model's per-period stacks),
+    read at each of ``layers``."""
+
+    base: DecodeCase
+    n_layers: int
+    layers: tuple[int, ...]
+
+    @property
+    def id(self):
+        return f"L{self.n_layers}at{'_'.join(map(str, self.layers))}-{self.base.id}"
+
+
+STACKED_CPU = [
+    # L = 1: the unstacked cache with a leading axis; ring wrapped in one row, not the other.
+    StackedCase(DecodeCase(2, 16, 4, 2, 256, True, F32, (3, 100), 31), 1, (0,)),
+    # Global, GQA 4, D = 512, NaN tails, S not a multiple of the block: first/middle/last.
+    StackedCase(
+        DecodeCase(2, 40, 8, 2, 512, False, BF16, (5, 39), 32, da.BlockSizes(16, 2)), 3, (0, 1, 2)
+    ),
+    # Ring, GQA 4 on one kv head, D = 256, pos 0 and far past the wrap.
+    StackedCase(
+        DecodeCase(2, 32, 4, 1, 256, True, BF16, (0, 77), 33, da.BlockSizes(16, 2)), 3, (0, 1, 2)
+    ),
+    # Global, default block sizes, ragged pos.
+    StackedCase(DecodeCase(2, 24, 4, 2, 256, False, F32, (10, 20), 34), 3, (2, 0)),
+]
+
+STACKED_GPU = [
+    StackedCase(DecodeCase(2, 32768, 8, 2, 512, False, BF16, (9000, 32767), 700), 4, (0, 2, 3)),
+    StackedCase(
+        DecodeCase(4, 512, 8, 2, 256, True, BF16, (0, 511, 512, 77_777), 701), 7, (0, 3, 6)
+    ),
+    StackedCase(DecodeCase(2, 1024, 8, 1, 256, True, BF16, (300, 50_000), 702), 1, (0,)),
+]
+
+
+def _stacked_inputs(c: StackedCase):
+    """One query, ``n_layers`` caches that differ (so reading the wrong one shows), same pos."""
+    per_layer = [
+        _decode_inputs(dataclasses.replace(c.base, seed=c.base.seed + 100 * i))
+        for i in range(c.n_layers)
+    ]
+    q, _, _, pos = per_layer[0]
+    k = jnp.stack([x[1] for x in per_layer])  # [L, B, S, Hk, D]
+    v = jnp.stack([x[2] for x in per_layer])
+    return q, k, v, pos
+
+
+class TestDecodeAttentionStacked:
+    interpret = True
+    cases = STACKED_CPU
+
+    def test_matches_reference(self, stacked_case: StackedCase):
+        c, b = stacked_case, stacked_case.base
+        q, k, v, pos = _stacked_inputs(c)
+        for i, layer in enumerate(c.layers):
+            # The model passes a traced scalar; a [1] array is accepted too.
+            idx = jnp.asarray(layer if i % 2 == 0 else [layer], jnp.int32)
+            out = da.decode_attention(
+                q, k, v, pos, ring=b.ring, layer=idx, interpret=self.interpret, block_sizes=b.block
+            )
+            ref = da.decode_attention_reference(q, k, v, pos, ring=b.ring, layer=idx)
+            _close(out, ref, b.dtype, f"{c.id} layer {layer}")
+            # The stacked reference is the plain one on k[layer]: the kernel must agree with it.
+            one = da.decode_attention_reference(q, k[layer], v[layer], pos, ring=b.ring)
+            _close(out, one, b.dtype, f"{c.id} layer {layer} vs k[layer]")
+
+    def test_layer_is_clamped_like_jnp_indexing(self):
+        c = STACKED_CPU[0].base
+        q, k, v, pos = _stacked_inputs(StackedCase(c, 2, (0, 1)))
+        for layer, want in ((5, 1), (-3, 0)):
+            out = da.decode_attention(
+                q, k, v, pos, ring=c.ring, layer=jnp.int32(layer), interpret=self.interpret
+            )
+            ref = da.decode_attention_reference(q, k[want], v[want], pos, ring=c.ring)
+            _close(out, ref, c.dtype, f"layer {layer}")
+
+    @pytest.mark.parametrize(
+        "ks, layer, match",
+        [
+            ((2, 1, 8, 2, 64), None, r"\[B, S, Hk, D\]"),
+            ((1, 8, 2, 64), 0, r"\[L, B, S, Hk, D\]"),
+            ((2, 1, 8, 2, 64), jnp.zeros((2,), jnp.int32), "one integer"),
+            ((2, 1, 8, 2, 64), jnp.zeros((), jnp.float32), "one integer"),
+        ],
+    )
+    def test_validation(self, ks, layer, match):
+        q, k = jnp.zeros((1, 4, 64), jnp.float32), jnp.zeros(ks, jnp.float32)
+        with pytest.raises(ValueError, match=match):
+            da.decode_attention(
+                q, k, k, jnp.zeros((1,), jnp.int32), ring=False, layer=layer, interpret=True
+            )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU (compiled Pallas kernels)")
+class TestDecodeAttentionStackedGpu(TestDecodeAttentionStacked):
+    interpret = False
+    cases = STACKED_GPU
+
+
+# ------------------------------------------------------------------------ the model's decode step
+
+
+def _jaxpr_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for val in e.params.values():
+            for sub in val if isinstance(val, tuple | list) else (val,):
+                if hasattr(sub, "eqns"):
+                    yield from _jaxpr_eqns(sub)
+                elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    yield from _jaxpr_eqns(sub.jaxpr)
+
+
+# dense_tiny: 2 periods of 6 own-K/V layers (the traced period picks the stack entry);
+# e4b_tiny: 6 KV-shared layers reading their donors' stacks at a static period.
+@pytest.mark.parametrize("name", ["dense_tiny", "e4b_tiny"])
+def test_decode_step_with_kernels_matches_reference(fixtures_dir, name):
+    from conftest import load_fixture
+
+    import gemma4_jax as g4
+
+    model, ref = load_fixture(fixtures_dir, name)
+    params = model.params
+    # Ragged rows, both past the sliding window (8 or 16: the rings have wrapped).
+    prompts = [ref["prompt_0"][:21], ref["prompt_1"][:17]]
+    lengths = np.array([len(x) for x in prompts], np.int32)
+    padded = np.zeros((2, 24), np.int32)
+    for i, x in enumerate(prompts):
+        padded[i, : len(x)] = x
+    with g4.use_kernels("reference"):
+        _, cache = g4.prefill(params, padded, g4.init_cache(params, 2, 32), lengths)
+    tokens = [np.array([5, 9], np.int32), np.array([11, 3], np.int32)]
+
+    # The Pallas decode attention gets the stacked caches themselves, never a per-layer slice.
+    with g4.use_kernels("pallas"):
+        jaxpr = jax.make_jaxpr(lambda c: g4.decode_step(params, tokens[0], c, lengths))(cache)
+    fed = {
+        v.aval.shape
+        for e in _jaxpr_eqns(jaxpr.jaxpr)
+        if e.primitive.name == "pallas_call"
+        for v in e.invars
+    }
+    stacks = {a.shape for a in jax.tree.leaves(cache)}
+    assert stacks <= fed, (stacks, fed)
+    assert not {s[1:] for s in stacks} & fed, fed
+
+    out = {}
+    for mode in ("reference", "pallas"):
+        c = jax.tree.map(jnp.copy, cache)  # decode_step donates its cache
+        steps = []
+        with g4.use_kernels(mode):
+            for i, tok in enumerate(tokens):
+                logits, c = g4.decode_step(params, tok, c, lengths + i)
+                steps.append(np.asarray(logits))
+        out[mode] = (np.stack(steps), [np.asarray(a) for a in jax.tree.leaves(c)])
+    (want, want_cache), (got, got_cache) = out["reference"], out["pallas"]
+    # f32 throughout; the new K/V also pass through the norm+RoPE kernel (~1e-5 apart).
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_cache, want_cache, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------ qk_norm_rope
 
 
@@ -481,7 +650,7 @@ class TestQKNormRopeGpu(TestQKNormRope):
 
 
 def pytest_generate_tests(metafunc):
-    for fixture in ("flash_case", "decode_case", "norm_rope_case"):
+    for fixture in ("flash_case", "decode_case", "stacked_case", "norm_rope_case"):
         if fixture in metafunc.fixturenames:
             cases = metafunc.cls.cases
             metafunc.parametrize(fixture, cases, ids=[c.id for c in cases])
@@ -499,10 +668,18 @@ def _lower_for_h100(fn, *args):
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton_kernel_call" in text or "__gpu$xla.gpu.triton" in text, text[:2000]
+    return text
 
 
 def _spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
+
+
+# A stack past 2^32 bytes (8 x 4 rows of 128K bf16 slots): the lowering switches to 64-bit
+# offsets, which the layer's stride needs.
+STACKED_HUGE = [
+    StackedCase(DecodeCase(4, 131072, 8, 2, 512, False, BF16, (0, 1, 2, 3), 0), 8, (7,)),
+]
 
 
 class TestTritonLowering:
@@ -519,6 +696,22 @@ class TestTritonLowering:
         fn = functools.partial(da.decode_attention, ring=c.ring, block_sizes=c.block)
         kv = _spec((c.b, c.s, c.hk, c.d), c.dtype)
         _lower_for_h100(fn, _spec((c.b, c.h, c.d), c.dtype), kv, kv, _spec((c.b,), jnp.int32))
+
+    @pytest.mark.parametrize("c", STACKED_GPU + STACKED_CPU + STACKED_HUGE, ids=lambda c: c.id)
+    def test_decode_stacked_reads_in_place(self, c: StackedCase):
+        b = c.base
+        fn = lambda q, k, v, pos, layer: da.decode_attention(
+            q, k, v, pos, ring=b.ring, layer=layer, block_sizes=b.block
+        )
+        kv = _spec((c.n_layers, b.b, b.s, b.hk, b.d), b.dtype)
+        args = (_spec((b.b, b.h, b.d), b.dtype), kv, kv, _spec((b.b,), jnp.int32))
+        text = _lower_for_h100(fn, *args, _spec((), jnp.int32))
+        # No slice/copy of the stack outside the kernel: it must reach the custom call whole.
+        mlir_dtype = {F32: "f32", BF16: "bf16"}[jnp.dtype(b.dtype)]
+        stack = f"tensor<{'x'.join(map(str, kv.shape))}x{mlir_dtype}>"
+        moves = ("slice", "gather", "copy", "transpose")
+        bad = [ln for ln in text.splitlines() if stack in ln and any(m in ln for m in moves)]
+        assert not bad, bad
 
     @pytest.mark.parametrize("c", NORM_ROPE_GPU + NORM_ROPE_CPU, ids=lambda c: c.id)
     def test_norm_rope(self, c: NormRopeCase):
