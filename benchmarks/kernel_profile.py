@@ -7,7 +7,9 @@ Builds random E4B params (benchmarks/random_model.py), prefills a prompt, compil
 `jax.profiler.trace` and reads the trace back with `jax.profiler.ProfileData`: for the last
 step, every GPU kernel in launch order (name, the HLO op it belongs to, duration, idle gap
 before it), and totals: the step's span, its kernel-busy time and its idle time. That splits
-a step into "kernels too slow" and "GPU waiting between kernels".
+a step into "kernels too slow" and "GPU waiting between kernels". `--prefill` reports one
+prefill of the `--ctx`-token prompt the same way; `--batch` rows; `--hlo` also writes the
+compiled decode_step HLO (fusion names match the profile's kernel names).
 
 `--ncu` instead opens a cudaProfilerStart/Stop window around one step for Nsight Compute
 (slow under ncu: the random model build alone takes minutes there):
@@ -67,6 +69,8 @@ def profile(args) -> None:
     prompt = np.random.default_rng(0).integers(
         3, params.config.vocab_size, (args.batch, args.ctx), dtype=np.int32
     )
+    if args.prefill:
+        return profile_prefill(args, params, prompt)
     cache = g4.init_cache(params, args.batch, args.ctx + 64)
     logits, cache = g4.prefill(params, prompt, cache)
     tok = jax.numpy.argmax(logits, -1).astype(jax.numpy.int32)
@@ -115,8 +119,42 @@ def profile(args) -> None:
         Path(args.out).write_text(text)
 
 
+def profile_prefill(args, params, prompt) -> None:
+    """`--prefill`: the same report for one prefill of the `--ctx`-token prompt."""
+    import tempfile
+
+    import jax
+
+    import gemma4_jax as g4
+
+    def once():
+        cache = jax.block_until_ready(g4.init_cache(params, args.batch, args.ctx))
+        return jax.block_until_ready(g4.prefill(params, prompt, cache)[0])
+
+    for _ in range(2):
+        once()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        once()
+    ms = 1e3 * (time.perf_counter() - t0) / 5
+    trace_dir = tempfile.mkdtemp(prefix="g4trace")
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(2):
+        once()
+    jax.profiler.stop_trace()
+    text = (
+        f"# prefill kernels: {args.family} {args.quant}, batch {args.batch}, prompt {args.ctx}, "
+        f"kernels={g4.kernel_mode()}\n\nwall per prefill (cache init included): {ms:.3f} ms, "
+        f"{args.batch * args.ctx / ms * 1e3:,.0f} tok/s\n\n" + trace_report(trace_dir, args.first)
+    )
+    print(text[:4000])
+    if args.out:
+        Path(args.out).write_text(text)
+
+
 def trace_report(trace_dir: str, first: int) -> str:
-    """The last decode step of a `jax.profiler` trace: kernels, gaps, totals (markdown)."""
+    """The last program run (decode step or prefill) of a `jax.profiler` trace: kernels, gaps,
+    totals (markdown)."""
     import glob
 
     from jax.profiler import ProfileData
@@ -226,6 +264,7 @@ def main() -> None:
     ap.add_argument("--quant", default="q8_0")
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prefill", action="store_true", help="profile a prefill of --ctx tokens")
     ap.add_argument("--hlo", type=Path, help="also write the compiled decode_step HLO here")
     ap.add_argument("--ncu", action="store_true", help="profiler window for ncu, no trace")
     ap.add_argument("--out", type=Path, help="write the trace report (markdown) here")
