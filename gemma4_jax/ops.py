@@ -75,11 +75,12 @@ def _pallas() -> bool:
     return kernel_mode() in ("pallas", "auto")
 
 
-# `auto` sends matmuls with this many rows (batched decode) to the Pallas kernel: there XLA
-# writes the dequantized weight to memory before its GEMM (the profile of a batch-32 E4B step:
-# 6.1 of 13 ms in those converts), while the kernel reads each quantized tile once. Fewer rows:
-# XLA's fused reductions (and matvec.py) are as fast or faster; more rows (prefill): the
-# converted weight is amortised over the rows and XLA's GEMM wins (benchmarks/RESULTS.md).
+# `auto` sends batched-decode matmuls (this many single-token rows) to the Pallas kernel:
+# there XLA writes the dequantized weight to memory before its GEMM (the profile of a batch-32
+# E4B step: 6.1 of 13 ms in those converts), while the kernel reads each quantized tile once
+# (batch 32: 2,505 -> 2,855 tok/s). Fewer rows: XLA's fused reductions (and matvec.py) are as
+# fast or faster. Prefill stays on XLA whatever its length: with many rows its GEMM wins, and a
+# short prompt would pay the Triton compiles of every matmul shape in its first-token time.
 AUTO_PALLAS_ROWS = (8, 64)
 
 
@@ -164,7 +165,11 @@ def _fields(w: quant.QTensor) -> dict:
 
 def matmul(x: jax.Array, w: quant.QTensor) -> jax.Array:
     """x[..., K] @ w[N, K]^T -> [..., N] in x.dtype, f32 accumulation."""
+    # Rows of single tokens (decode: x[B, 1, K] or x[B, K]); a prompt's positions (x[B, T, K],
+    # T > 1) count as many rows (prefill keeps XLA in `auto`, see AUTO_PALLAS_ROWS).
     rows = math.prod(x.shape[:-1])
+    if x.ndim >= 3 and x.shape[-2] > 1:
+        rows = max(rows, AUTO_PALLAS_ROWS[1] + 1)
     if (
         _pallas_matmul(rows, w.ggml_type)
         and w.ggml_type in _PALLAS_MATMUL_TYPES

@@ -82,18 +82,28 @@ def test_auto_mode_dispatch_matches_reference():
 
 
 @pytest.mark.parametrize(
-    "rows,kernel", [(1, False), (4, False), (8, True), (64, True), (65, False)]
+    "shape,kernel",
+    [
+        ((1, 1), False),
+        ((4, 1), False),
+        ((8, 1), True),
+        ((64,), True),
+        ((65, 1), False),
+        ((1, 32), False),
+        ((2, 8), False),
+    ],
 )
-def test_auto_mode_sends_batched_rows_to_the_kernel(monkeypatch, rows, kernel):
-    # Batched decode (8-64 rows) takes the Pallas quantized matmul in `auto` mode (interpret
-    # mode here), fewer or more rows stay on XLA; the answer is the reference's either way.
+def test_auto_mode_sends_batched_decode_to_the_kernel(monkeypatch, shape, kernel):
+    # Batched decode (8-64 single-token rows) takes the Pallas quantized matmul in `auto` mode
+    # (interpret mode here); fewer or more rows, and prompts (T > 1), stay on XLA. The answer is
+    # the reference's either way.
     from pallas_kernels import qmatmul as qk
 
     calls = []
     real = qk.qmatmul
     monkeypatch.setattr(qk, "qmatmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    w = _weight("Q8_0", 16, 256, seed=rows)
-    x = random_x((rows, 256), jnp.float32, seed=rows)
+    w = _weight("Q8_0", 16, 256, seed=len(shape))
+    x = random_x((*shape, 256), jnp.float32, seed=shape[0])
     with ops.use_kernels("auto"):
         out = ops.matmul(x, w)
     assert bool(calls) == kernel
