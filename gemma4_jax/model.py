@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import ops
+from . import ops, quant
 from .config import Gemma4Config, LayerSpec, layer_plan, locate, segments
 from .params import Params
 
@@ -352,12 +352,16 @@ def run_cached(
     cache = list(cache)
     for si in seg_ids:
         seg = segs[si]
-        sp = params.segments[si]
+        sliced, stacked = _split_matrices(params.segments[si])
         donor_cache = _donor_caches(c, seg, cache)
 
-        def body(carry, xs, seg=seg, donor_cache=donor_cache):
+        def body(carry, xs, seg=seg, donor_cache=donor_cache, stacked=stacked):
             h, seg_cache = carry
             lp, lple, period = xs
+            lp = [
+                {**small, **{k: ops.LayerSlice(w, period) for k, w in mats.items()}}
+                for small, mats in zip(lp, stacked, strict=True)
+            ]
             new_slots = list(seg_cache)
             for j, s in enumerate(seg.slots):
                 ctx = {
@@ -376,11 +380,26 @@ def run_cached(
             return (h, tuple(new_slots)), None
 
         seg_cache = cache[si] if cache[si] is not None else tuple(None for _ in seg.slots)
-        xs = (sp, _segment_ple(c, seg, ple), jnp.arange(seg.n_periods))
+        xs = (sliced, _segment_ple(c, seg, ple), jnp.arange(seg.n_periods))
         (h, seg_cache), _ = jax.lax.scan(body, (h, seg_cache), xs)
         if seg.has_kv:
             cache[si] = seg_cache
     return h, tuple(cache)
+
+
+def _split_matrices(seg_params) -> tuple[list[dict], list[dict]]:
+    """Per slot: (what the scan slices per layer, the stacked 2-D matmul weights).
+
+    The matrices stay whole and reach `ops.matmul` as `LayerSlice`s: XLA's fused matvecs
+    read the slice in place either way, but a Pallas matmul (batched decode) needs the stack
+    itself, as a slice before a custom call is a copy of the layer's weight every step.
+    """
+    sliced, stacked = [], []
+    for slot in seg_params:
+        mats = {k: w for k, w in slot.items() if isinstance(w, quant.QTensor) and w.ndim == 3}
+        sliced.append({k: w for k, w in slot.items() if k not in mats})
+        stacked.append(mats)
+    return sliced, stacked
 
 
 def _donor_caches(c: Gemma4Config, seg, cache) -> dict[int, tuple]:

@@ -163,13 +163,48 @@ def _fields(w: quant.QTensor) -> dict:
     return {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
 
 
-def matmul(x: jax.Array, w: quant.QTensor) -> jax.Array:
-    """x[..., K] @ w[N, K]^T -> [..., N] in x.dtype, f32 accumulation."""
+@dataclasses.dataclass(frozen=True)
+class LayerSlice:
+    """Layer `index` of a stacked weight `stack[L, N, K]`, not sliced yet.
+
+    The model's cache-mode layer scan hands its matmul weights over this way. XLA's own
+    fusions read a dynamic slice in place, but a custom call gets its operands materialised:
+    slicing before a Pallas matmul copied each layer's weight every step (see `matmul`).
+    """
+
+    stack: quant.QTensor
+    index: jax.Array  # int32 scalar
+
+    def take(self) -> quant.QTensor:
+        return jax.tree.map(
+            lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False), self.stack
+        )
+
+
+def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
+    """x[..., K] @ w[N, K]^T -> [..., N] in x.dtype, f32 accumulation. `w` may be a
+    `LayerSlice`: the Pallas kernel then reads the stack in place, other paths slice it."""
     # Rows of single tokens (decode: x[B, 1, K] or x[B, K]); a prompt's positions (x[B, T, K],
     # T > 1) count as many rows (prefill keeps XLA in `auto`, see AUTO_PALLAS_ROWS).
     rows = math.prod(x.shape[:-1])
     if x.ndim >= 3 and x.shape[-2] > 1:
         rows = max(rows, AUTO_PALLAS_ROWS[1] + 1)
+    if isinstance(w, LayerSlice):
+        stack = w.stack
+        lo, hi = AUTO_PALLAS_ROWS
+        if (
+            _pallas_matmul(rows, stack.ggml_type)
+            and lo <= rows <= hi
+            and stack.ggml_type in _PALLAS_MATMUL_TYPES
+            and _mesh() is None
+            and os.environ.get("GEMMA4_JAX_STACKED_QMATMUL", "1") != "0"
+        ):
+            from pallas_kernels import qmatmul as qk
+
+            return qk.stacked_qmatmul(
+                x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret()
+            )
+        w = w.take()
     if (
         _pallas_matmul(rows, w.ggml_type)
         and w.ggml_type in _PALLAS_MATMUL_TYPES

@@ -377,6 +377,23 @@ class TestQMatmul:
         ref = qm.grouped_qmatmul_reference(x, fmt, fields, ids)
         _close(out, ref, dtype, f"grouped {fmt} T={t} k={k}")
 
+    @pytest.mark.parametrize(
+        "fmt, m, layer, dtype",
+        [(f, 8, 2, jnp.float32) for f in FORMATS]
+        + [("Q8_0", 32, 0, jnp.bfloat16), ("Q4_K", 40, 3, jnp.bfloat16), ("Q6_K", 64, 1, "f")],
+    )
+    def test_stacked(self, fmt, m, layer, dtype):
+        # x @ W[layer]^T with the stack read in place (one ragged visit per row tile); every
+        # layer holds different data, so reading the wrong one fails.
+        dtype = jnp.float32 if dtype == "f" else dtype
+        n_layers, n = 4, 40
+        k = 2 * qtiles.FORMATS[fmt].block
+        fields = random_fields(fmt, (n_layers,), n, k, seed=m)
+        x = random_x((m, 1, k), dtype, seed=layer)
+        out = qm.stacked_qmatmul(x, fmt, fields, jnp.int32(layer), interpret=self.interpret)
+        one = {name: a[layer] for name, a in fields.items()}
+        _close(out, qm.qmatmul_reference(x, fmt, one), dtype, f"stacked {fmt} M={m} L={layer}")
+
     def test_ragged_empty_and_straddling_groups(self):
         fmt, e, n, k = "Q8_0", 7, 48, 64
         fields = random_fields(fmt, (e,), n, k)

@@ -6,6 +6,8 @@ greedy generation (prefill + the decode loop: flash, decode attention, norm+RoPE
 quantized file, the quantized matmuls) still reproduces the reference tokens.
 """
 
+import sys
+
 import numpy as np
 import pytest
 from conftest import load_fixture
@@ -31,3 +33,26 @@ def test_fixture_with_kernels(fixtures_dir, name, file, mode):
     err = np.abs(logits - ref["logits_0"]).max()
     assert err < 2e-3, f"{name}/{file} [{mode}]: max |logits - reference| = {err:.2e}"
     np.testing.assert_array_equal(out.tokens[0], ref["greedy_0"][:6])
+
+
+@pytest.mark.parametrize("file", ["model-Q4_K_M.gguf", "model-Q8_0.gguf"])
+def test_batched_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file):
+    # Batch 8 in `auto` mode: the decode matmuls take the Pallas kernel on the layer scan's
+    # stacked weights (ops.LayerSlice -> qmatmul.stacked_qmatmul); every row is the fixture's
+    # prompt, so every row must reproduce the reference greedy tokens.
+    import jax
+
+    from pallas_kernels import qmatmul as qk
+
+    model, ref = load_fixture(fixtures_dir, "quant_small", file)
+    calls = []
+    real = qk.stacked_qmatmul
+    monkeypatch.setattr(qk, "stacked_qmatmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    jax.clear_caches()  # the programs are traced again, through the patched function
+    sys.modules["gemma4_jax.generate"]._PROGRAMS.clear()
+    prompt = ref["prompt_0"]
+    with g4.use_kernels("auto"):
+        out = g4.generate(model.params, [prompt] * 8, max_new_tokens=4, stop_tokens=())
+    assert calls, "batched decode did not reach stacked_qmatmul"
+    for row in out.tokens:
+        np.testing.assert_array_equal(row, ref["greedy_0"][:4])
