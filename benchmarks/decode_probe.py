@@ -36,7 +36,7 @@ VARIANTS = {
     "auto": ("auto", "", {}),
     "auto-packed": ("auto", "", {"GEMMA4_JAX_PACKED_MATVEC": "0"}),
     "auto-batchq": ("auto", "", {"GEMMA4_JAX_BATCH_QMATMUL": "0"}),
-    "auto-stacked": ("auto", "", {"GEMMA4_JAX_STACKED_QMATMUL": "0"}),
+    "auto+stacked": ("auto", "", {"GEMMA4_JAX_STACKED_QMATMUL": "1"}),
     "auto+pv_q4k": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "Q4_K,Q5_K"}),
     "auto+pv_kq": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "Q4_K,Q5_K,Q6_K"}),
     "auto+pv_all": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "Q8_0,Q4_0,Q4_K,Q5_K,Q6_K"}),

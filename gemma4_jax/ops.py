@@ -163,6 +163,13 @@ def _fields(w: quant.QTensor) -> dict:
     return {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
 
 
+def stacked_weights() -> bool:
+    """GEMMA4_JAX_STACKED_QMATMUL=1: the cache-mode layer scan passes its matmul weights as
+    `LayerSlice`s (see model._split_matrices). Off by default: built and tested in interpret
+    mode, not yet measured on a GPU. Read when the decode programs are traced."""
+    return os.environ.get("GEMMA4_JAX_STACKED_QMATMUL", "0") == "1"
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSlice:
     """Layer `index` of a stacked weight `stack[L, N, K]`, not sliced yet.
@@ -197,7 +204,6 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
             and lo <= rows <= hi
             and stack.ggml_type in _PALLAS_MATMUL_TYPES
             and _mesh() is None
-            and os.environ.get("GEMMA4_JAX_STACKED_QMATMUL", "1") != "0"
         ):
             from pallas_kernels import qmatmul as qk
 

@@ -37,8 +37,9 @@ def test_fixture_with_kernels(fixtures_dir, name, file, mode):
 
 @pytest.mark.parametrize("file", ["model-Q4_K_M.gguf", "model-Q8_0.gguf"])
 def test_batched_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file):
-    # Batch 8 in `auto` mode: the decode matmuls take the Pallas kernel on the layer scan's
-    # stacked weights (ops.LayerSlice -> qmatmul.stacked_qmatmul); every row is the fixture's
+    # Batch 8 in `auto` mode with GEMMA4_JAX_STACKED_QMATMUL=1: the decode matmuls take the
+    # Pallas kernel on the layer scan's stacked weights (ops.LayerSlice ->
+    # qmatmul.stacked_qmatmul); every row is the fixture's
     # prompt, so every row must reproduce the reference greedy tokens.
     import jax
 
@@ -48,11 +49,20 @@ def test_batched_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file):
     calls = []
     real = qk.stacked_qmatmul
     monkeypatch.setattr(qk, "stacked_qmatmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    jax.clear_caches()  # the programs are traced again, through the patched function
-    sys.modules["gemma4_jax.generate"]._PROGRAMS.clear()
+    monkeypatch.setenv("GEMMA4_JAX_STACKED_QMATMUL", "1")  # opt-in (not yet measured on GPU)
+
+    def fresh_programs():  # traced again, through the patch / without the switch
+        jax.clear_caches()
+        sys.modules["gemma4_jax.generate"]._PROGRAMS.clear()
+
+    fresh_programs()
     prompt = ref["prompt_0"]
-    with g4.use_kernels("auto"):
-        out = g4.generate(model.params, [prompt] * 8, max_new_tokens=4, stop_tokens=())
+    try:
+        with g4.use_kernels("auto"):
+            out = g4.generate(model.params, [prompt] * 8, max_new_tokens=4, stop_tokens=())
+    finally:
+        monkeypatch.undo()
+        fresh_programs()
     assert calls, "batched decode did not reach stacked_qmatmul"
     for row in out.tokens:
         np.testing.assert_array_equal(row, ref["greedy_0"][:4])
