@@ -107,7 +107,7 @@ gpu_tests() {
         >"$OUT/pytest_gpu_1.log" 2>&1 &
     pids+=($!)
     # shellcheck disable=SC2086
-    $P tests/test_kernels_attention.py -k "DecodeAttentionGpu or QKNormRopeGpu or TritonLowering" \
+    $P tests/test_kernels_attention.py -k "DecodeAttentionGpu or DecodeAttentionStackedGpu or QKNormRopeGpu or TritonLowering" \
         ${PYTEST_ARGS:-} >"$OUT/pytest_gpu_2.log" 2>&1 &
     pids+=($!)
     # shellcheck disable=SC2086
