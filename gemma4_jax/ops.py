@@ -84,20 +84,19 @@ def _pallas() -> bool:
 AUTO_PALLAS_ROWS = (8, 64)
 
 
-def _pallas_matmul(rows: int | None = None, fmt: str | None = None) -> bool:
+def _pallas_matmul(rows: int | None = None) -> bool:
     """Pallas quantized matmuls: always in `pallas` mode; in `auto` mode for `rows` within
-    AUTO_PALLAS_ROWS (GEMMA4_JAX_BATCH_QMATMUL=0 turns that off, for A/B runs), and for fewer
-    rows of the formats listed in GEMMA4_JAX_PALLAS_MATVEC (e.g. "Q4_K,Q5_K": an experiment
-    switch for benchmarks/decode_probe.py)."""
+    AUTO_PALLAS_ROWS (GEMMA4_JAX_BATCH_QMATMUL=0 turns that off, for A/B runs)."""
     mode = kernel_mode()
     if mode == "pallas":
         return True
-    if mode != "auto" or rows is None:
-        return False
     lo, hi = AUTO_PALLAS_ROWS
-    if rows < lo:
-        return fmt in os.environ.get("GEMMA4_JAX_PALLAS_MATVEC", "").split(",")
-    return rows <= hi and os.environ.get("GEMMA4_JAX_BATCH_QMATMUL", "1") != "0"
+    return (
+        mode == "auto"
+        and rows is not None
+        and lo <= rows <= hi
+        and os.environ.get("GEMMA4_JAX_BATCH_QMATMUL", "1") != "0"
+    )
 
 
 # ---------------------------------------------------------------------------- meshes
@@ -200,7 +199,7 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
         stack = w.stack
         lo, hi = AUTO_PALLAS_ROWS
         if (
-            _pallas_matmul(rows, stack.ggml_type)
+            _pallas_matmul(rows)
             and lo <= rows <= hi
             and stack.ggml_type in _PALLAS_MATMUL_TYPES
             and _mesh() is None
@@ -211,11 +210,7 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
                 x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret()
             )
         w = w.take()
-    if (
-        _pallas_matmul(rows, w.ggml_type)
-        and w.ggml_type in _PALLAS_MATMUL_TYPES
-        and _matmul_kernel_ok()
-    ):
+    if _pallas_matmul(rows) and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
         from pallas_kernels import qmatmul as qk
 
         lead = x.shape[:-1]
