@@ -15,6 +15,7 @@ kernels (interpret mode) under `jax.set_mesh`. Prints one JSON object on stdout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -80,9 +81,22 @@ class _Lap:
         self.t = now
 
 
-def check_fixture(fixtures: Path, name: str, meshes: list[tuple[int, int]]) -> list[dict]:
-    path = fixtures / name / "model.gguf"
-    ref = np.load(fixtures / name / "reference.npz")
+def check_fixture(
+    fixtures: Path,
+    name: str,
+    meshes: list[tuple[int, int]],
+    *,
+    file: str = "model.gguf",
+    set_mesh: bool = False,
+) -> list[dict]:
+    """Sharded vs single-device runs of one fixture (also on real devices: benchmarks/
+    bench_sharded.py). `file` picks another GGUF of the fixture (`model-Q4_K_M.gguf` with its
+    `reference-Q4_K_M.npz`); `set_mesh` runs each sharded model under `jax.set_mesh(mesh)`, as
+    the CLI does, so that in Pallas mode the attention kernels run per shard."""
+    path = fixtures / name / file
+    ref_file = "reference.npz" if file == "model.gguf" else file.replace("model-", "reference-")
+    ref = np.load(fixtures / name / ref_file.replace(".gguf", ".npz"))
+    label = name if file == "model.gguf" else f"{name}/{file}"
     fwd_tokens, rag = _prompts(ref)
     base = g4.load(path)
     want_logits = np.asarray(g4.forward(base.params, fwd_tokens))
@@ -91,33 +105,39 @@ def check_fixture(fixtures: Path, name: str, meshes: list[tuple[int, int]]) -> l
     for data, model in meshes:
         t0 = time.perf_counter()
         mesh = sh.make_mesh(data, model)
-        m = g4.load(path, mesh=mesh)
-        r = {"fixture": name, "mesh": [data, model], "problems": [], "t": {}}
-        lap = _Lap(r["t"])
-        lap("load")
-        r["problems"] += _leaf_problems(m.params, mesh)
-        logits = g4.forward(m.params, sh.shard_batch(fwd_tokens, mesh))
-        r["forward_max_diff"] = float(np.abs(np.asarray(logits) - want_logits).max())
-        lap("forward")
-        cache = g4.init_cache(m.params, BATCH, 256)
-        r["problems"] += [f"init_cache {p}" for p in _cache_problems(m.params, cache, mesh)]
-        padded = np.zeros((BATCH, 64), np.int32)
-        for i, row in enumerate(rag):
-            padded[i, : len(row)] = row
-        lengths = np.array([len(x) for x in rag], np.int32)
-        _, cache = g4.prefill(m.params, padded, cache, lengths)
-        r["problems"] += [f"prefill cache {p}" for p in _cache_problems(m.params, cache, mesh)]
-        lap("prefill")
-        # `generate` is this stream in one chunk; the final state also shows the loop's cache.
-        *_, last = g4.generate_stream(m.params, rag, max_new_tokens=NEW_TOKENS, stop_tokens=())
-        got = np.asarray(last["state"]["tokens"])
-        r["tokens_equal"] = bool(np.array_equal(got, np.stack(want_gen.tokens)))
-        cache = last["state"]["cache"]
-        r["problems"] += [f"decode cache {p}" for p in _cache_problems(m.params, cache, mesh)]
-        lap("generate")
-        r["seconds"] = round(time.perf_counter() - t0, 2)
-        out.append(r)
+        with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
+            out.append(_check_mesh(path, mesh, fwd_tokens, rag, want_logits, want_gen))
+        out[-1].update(fixture=label, seconds=round(time.perf_counter() - t0, 2))
     return out
+
+
+def _check_mesh(path, mesh, fwd_tokens, rag, want_logits, want_gen) -> dict:
+    """One mesh of `check_fixture`: placement, forward, caches, greedy generate."""
+    m = g4.load(path, mesh=mesh)
+    r = {"fixture": None, "mesh": list(mesh.devices.shape), "problems": [], "t": {}}
+    lap = _Lap(r["t"])
+    lap("load")
+    r["problems"] += _leaf_problems(m.params, mesh)
+    logits = g4.forward(m.params, sh.shard_batch(fwd_tokens, mesh))
+    r["forward_max_diff"] = float(np.abs(np.asarray(logits) - want_logits).max())
+    lap("forward")
+    cache = g4.init_cache(m.params, BATCH, 256)
+    r["problems"] += [f"init_cache {p}" for p in _cache_problems(m.params, cache, mesh)]
+    padded = np.zeros((BATCH, 64), np.int32)
+    for i, row in enumerate(rag):
+        padded[i, : len(row)] = row
+    lengths = np.array([len(x) for x in rag], np.int32)
+    _, cache = g4.prefill(m.params, padded, cache, lengths)
+    r["problems"] += [f"prefill cache {p}" for p in _cache_problems(m.params, cache, mesh)]
+    lap("prefill")
+    # `generate` is this stream in one chunk; the final state also shows the loop's cache.
+    *_, last = g4.generate_stream(m.params, rag, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    got = np.asarray(last["state"]["tokens"])
+    r["tokens_equal"] = bool(np.array_equal(got, np.stack(want_gen.tokens)))
+    cache = last["state"]["cache"]
+    r["problems"] += [f"decode cache {p}" for p in _cache_problems(m.params, cache, mesh)]
+    lap("generate")
+    return r
 
 
 def _attention_ops(q, k, v, pos, w, positions, inv_freq):

@@ -1,7 +1,9 @@
 """The benchmark tooling on CPU at toy sizes: random params of every family structure, the
-roofline and HLO counters, and `bench_e2e.py --smoke` end to end (its JSON keys)."""
+roofline and HLO counters, and `bench_e2e.py --smoke` and `bench_sharded.py --smoke` end to end
+(their JSON keys)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +213,36 @@ def test_bench_e2e_smoke_writes_the_required_keys(tmp_path):
     m = s["raw"]["models"]["smoke/q8_0"]
     assert m["kernels"]["decode_step"]["launches_per_call"] > 0
     assert "| metric |" in s["markdown"]
+
+
+def test_bench_sharded_smoke(tmp_path, fixtures_dir):
+    # 4 simulated CPU devices: the sharded fixture check and the scaling table on 1 and 2
+    out = tmp_path / "sharded.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_sharded.py"),
+        "--smoke",
+        "--out",
+        str(out),
+        "--fixtures",
+        str(fixtures_dir),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "GEMMA4_JAX_KERNELS"}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert s["nccl_nvls_enable"] == "0" and s["n_devices"] == 4
+    fx = s["fixtures"]
+    assert fx["all_match"] and fx["complete"], fx
+    assert {tuple(x["mesh"]) for x in fx["results"]} == {(1, 4), (4, 1), (2, 2)}
+    assert {x["fixture"] for x in fx["results"]} == {"e2b_tiny", "moe_tiny"}
+    rows = {(x["measurement"], x["devices"]): x for x in s["scaling"]["rows"]}
+    for meas in ("decode_b1", "prefill_64", "decode_b4"):
+        assert rows[(meas, 1)]["tok_s"] > 0 and rows[(meas, 1)]["speedup"] == pytest.approx(1)
+        two = rows[(meas, 2)]
+        assert two["mesh"] == "1x2" and two["tok_s"] > 0
+        assert two["efficiency"] == pytest.approx(two["speedup"] / 2)
+    assert rows[("decode_b4_dp", 2)]["mesh"] == "2x1"
+    assert "| model | measurement |" in s["markdown"]
