@@ -77,13 +77,13 @@ def profile(args) -> None:
     pos = np.full((args.batch,), args.ctx, np.int32)
     for _ in range(2):
         logits, cache = g4.decode_step(params, tok, cache, pos)
-        pos += 1
+        pos = pos + 1  # a new array: the last step's may still be in flight
     jax.block_until_ready(logits)
     t0 = time.perf_counter()
     n = 20
     for _ in range(n):
         logits, cache = g4.decode_step(params, tok, cache, pos)
-        pos += 1
+        pos = pos + 1  # a new array: the last step's may still be in flight
     jax.block_until_ready(logits)
     ms = 1e3 * (time.perf_counter() - t0) / n
     print(f"decode_step wall (one dispatch per step): {ms:.3f} ms")
@@ -104,7 +104,7 @@ def profile(args) -> None:
     for _ in range(3):
         logits, cache = g4.decode_step(params, tok, cache, pos)
         jax.block_until_ready(logits)
-        pos += 1
+        pos = pos + 1  # a new array: the last step's may still be in flight
     jax.profiler.stop_trace()
     report = trace_report(trace_dir, args.first)
     header = (

@@ -9,7 +9,10 @@ kernel for batched decode (8-64 rows), and XLA for the other matmuls: batch-1 on
 reductions over the packed bytes (matvec.py), prefill as dequantize+dot). The mode is read when a
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
-takes effect.
+takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL, GEMMA4_JAX_PACKED_MATVEC,
+GEMMA4_JAX_STACKED_QMATMUL; for A/B runs) are also read at trace time but are NOT part of any
+cache key: set them before the first call, or call `jax.clear_caches()` and clear
+`generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
 Meshes (see `sharding.py`): the jnp reference path is partitioned by XLA from the shardings of
 its inputs. A Pallas call is opaque to XLA's partitioner (it would gather its operands and run
@@ -191,7 +194,9 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
     """x[..., K] @ w[N, K]^T -> [..., N] in x.dtype, f32 accumulation. `w` may be a
     `LayerSlice`: the Pallas kernel then reads the stack in place, other paths slice it."""
     # Rows of single tokens (decode: x[B, 1, K] or x[B, K]); a prompt's positions (x[B, T, K],
-    # T > 1) count as many rows (prefill keeps XLA in `auto`, see AUTO_PALLAS_ROWS).
+    # T > 1) count as many rows (prefill keeps XLA in `auto`, see AUTO_PALLAS_ROWS). A caller
+    # that flattens a prompt to x[B*T, K] looks like decode rows here: only the MoE router
+    # does, and its weight is F32 (never a Pallas matmul).
     rows = math.prod(x.shape[:-1])
     if x.ndim >= 3 and x.shape[-2] > 1:
         rows = max(rows, AUTO_PALLAS_ROWS[1] + 1)
