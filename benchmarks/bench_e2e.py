@@ -739,10 +739,12 @@ WORKERS = {
 }
 
 
-def run_worker_main(name: str, spec: dict, result: Path) -> int:
+def run_worker_main(name: str, spec: dict, result: Path, workers: dict | None = None) -> int:
+    """A worker process's body (`--worker NAME`): runs `workers[name]` (default: this file's
+    WORKERS; bench_sharded.py passes its own) with a recorder that saves as it goes."""
     rec = _Recorder(result, {"worker": name, "spec": spec, "started": time.time()})
     try:
-        WORKERS[name](spec, rec)
+        (WORKERS if workers is None else workers)[name](spec, rec)
     except BaseException as e:
         rec.error("fatal", e)
         return 1
@@ -757,6 +759,49 @@ def run_worker_main(name: str, spec: dict, result: Path) -> int:
 
 class _Stopped(Exception):
     pass
+
+
+def add_worker_args(ap: argparse.ArgumentParser) -> None:
+    """The internal arguments a worker process is started with (see `spawn_worker`)."""
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def worker_env(args, extra: dict | None = None) -> dict:
+    """A worker's environment: unbuffered, the repo importable, CPU-only for `--smoke`, the
+    run's `--kernels`, then `extra`."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if args.smoke:
+        env["JAX_PLATFORMS"] = "cpu"
+    if args.kernels:
+        env["GEMMA4_JAX_KERNELS"] = args.kernels
+    env.update(extra or {})
+    return env
+
+
+def spawn_worker(
+    script: Path, name: str, spec: dict, result: Path, log: Path, env: dict, label: str
+) -> subprocess.Popen:
+    """Start `script --worker NAME` writing its results to `result` and its output to `log`,
+    in its own process group (so a timeout kills it and nothing else) but the same session
+    (whoever ends this run's session ends the workers too)."""
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, str(script), "--worker", name]
+    cmd += ["--spec", json.dumps(spec), "--result", str(result)]
+    with open(log, "a") as logf:
+        logf.write(f"\n===== {label} ({name}) {datetime.datetime.now().isoformat()}\n")
+        logf.flush()
+        return subprocess.Popen(
+            cmd,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(REPO),
+            process_group=0,
+        )
 
 
 class Runner:
@@ -784,19 +829,6 @@ class Runner:
     def remaining(self) -> float:
         return self.args.budget_s - (time.time() - self.t0)
 
-    def env(self, extra=None) -> dict:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
-        if self.args.smoke:
-            env["JAX_PLATFORMS"] = "cpu"
-        if self.args.kernels:
-            env["GEMMA4_JAX_KERNELS"] = self.args.kernels
-        env.update(extra or {})
-        return env
-
     def worker(self, name: str, spec: dict, timeout: float, label: str, min_s: float = 10):
         """Run one worker; returns its result dict (partial if cut), never raises."""
         avail = self.remaining() - self.args.reserve_s
@@ -807,47 +839,25 @@ class Runner:
             return {"skipped": reason}
         timeout = min(timeout, avail)
         result = self.workdir / f"{label.replace('/', '_').replace(' ', '_')}.json"
-        result.unlink(missing_ok=True)
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--worker",
-            name,
-            "--spec",
-            json.dumps(spec),
-            "--result",
-            str(result),
-        ]
         t = time.time()
         print(f"[e2e] {label}: start (timeout {timeout:.0f} s)", flush=True)
-        with open(self.log, "a") as logf:
-            logf.write(f"\n===== {label} ({name}) {datetime.datetime.now().isoformat()}\n")
-            logf.flush()
-            proc = subprocess.Popen(
-                cmd,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=self.env(spec.get("_env")),
-                cwd=str(REPO),
-                # its own process group (so a timeout kills it and nothing else), but the
-                # same session: whoever ends this run's session ends the workers too
-                process_group=0,
-            )
-            self.current = proc
-            status = "ok"
+        env = worker_env(self.args, spec.get("_env"))
+        proc = spawn_worker(Path(__file__).resolve(), name, spec, result, self.log, env, label)
+        self.current = proc
+        status = "ok"
+        try:
+            rc = proc.wait(timeout=timeout)
+            if rc != 0:
+                status = f"exit code {rc}"
+        except subprocess.TimeoutExpired:
+            status = f"timeout after {timeout:.0f} s (partial results kept)"
             try:
-                rc = proc.wait(timeout=timeout)
-                if rc != 0:
-                    status = f"exit code {rc}"
-            except subprocess.TimeoutExpired:
-                status = f"timeout after {timeout:.0f} s (partial results kept)"
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the worker's own process group
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-            finally:
-                self.current = None
+                os.killpg(proc.pid, signal.SIGKILL)  # the worker's own process group
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        finally:
+            self.current = None
         wall = time.time() - t
         try:
             out = json.loads(result.read_text())
@@ -1331,10 +1341,7 @@ def build_parser():
     ap.add_argument("--out", default=None, help="JSON results")
     ap.add_argument("--md", default=None, help="also write the markdown table here")
     ap.add_argument("--log", default=None, help="append worker logs here")
-    # internal
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
+    add_worker_args(ap)  # internal
     return ap
 
 

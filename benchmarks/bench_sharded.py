@@ -102,7 +102,12 @@ from benchmarks.bench_e2e import (  # noqa: E402
     _measure_decode,
     _measure_prefill,
     _Recorder,
+    _Stopped,
     _write_json,
+    add_worker_args,
+    run_worker_main,
+    spawn_worker,
+    worker_env,
 )
 
 FIXTURES = ("e2b_tiny", "moe_tiny", "dense_tiny", "quant_small/model-Q4_K_M.gguf")
@@ -494,24 +499,7 @@ def _run_item(g4, jax, ops, params, meas, mesh, mode, quiet, deadline) -> dict:
 WORKERS = {"fixtures": worker_fixtures, "scaling": worker_scaling}
 
 
-def run_worker_main(name: str, spec: dict, result: Path) -> int:
-    rec = _Recorder(result, {"worker": name, "spec": spec, "started": time.time()})
-    try:
-        WORKERS[name](spec, rec)
-    except BaseException as e:
-        rec.error("fatal", e)
-        return 1
-    finally:
-        rec.data["wall_s"] = time.time() - rec.data["started"]
-        rec.save()
-    return 0
-
-
 # ============================================================================ orchestrator
-
-
-class _Stopped(Exception):
-    pass
 
 
 class _Job:
@@ -571,37 +559,20 @@ class Runner:
         return self.args.budget_s - (time.time() - self.t0)
 
     def env(self, extra: dict) -> dict:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env = worker_env(self.args)
         # Grow on demand: fixture checks and a model share the GPUs for a while.
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         if self.args.smoke:
-            env["JAX_PLATFORMS"] = "cpu"
             flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
-        if self.args.kernels:
-            env["GEMMA4_JAX_KERNELS"] = self.args.kernels
         env.update(extra)
         return env
 
     def start(self, name: str, spec: dict, label: str, timeout: float, env: dict) -> _Job:
         result = self.workdir / f"{label.replace('/', '_').replace(' ', '_')}.json"
-        result.unlink(missing_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
-        cmd += ["--spec", json.dumps(spec), "--result", str(result)]
         print(f"[sharded] {label}: start (timeout {timeout:.0f} s)", flush=True)
-        with open(self.log, "a") as logf:
-            logf.write(f"\n===== {label} ({name}) {datetime.datetime.now().isoformat()}\n")
-            logf.flush()
-            proc = subprocess.Popen(
-                cmd,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=self.env(env),
-                cwd=str(REPO),
-                process_group=0,  # a timeout kills this worker's group and nothing else
-            )
+        script = Path(__file__).resolve()
+        proc = spawn_worker(script, name, spec, result, self.log, self.env(env), label)
         job = _Job(label, proc, result, time.time() + timeout)
         self.jobs.append(job)
         return job
@@ -940,9 +911,7 @@ def build_parser():
     ap.add_argument("--out", default=None, help="JSON results (rewritten as the run goes)")
     ap.add_argument("--md", default=None, help="also write the markdown table here")
     ap.add_argument("--log", default=None, help="worker logs (default: in the workdir)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
+    add_worker_args(ap)  # internal
     return ap
 
 
@@ -976,7 +945,7 @@ def _defaults(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
-        return run_worker_main(args.worker, json.loads(args.spec), Path(args.result))
+        return run_worker_main(args.worker, json.loads(args.spec), Path(args.result), WORKERS)
     args = _defaults(args)
     for path in (args.out, args.md, args.log):
         if path:

@@ -396,12 +396,11 @@ def _split_matrices(seg_params) -> tuple[list[dict], list[dict]]:
     layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms). Off by default until
     measured on the GPU; then every weight is sliced by the scan as before.
     """
+    on = ops.stacked_weights()
     sliced, stacked = [], []
     for slot in seg_params:
         mats = {
-            k: w
-            for k, w in slot.items()
-            if ops.stacked_weights() and isinstance(w, quant.QTensor) and w.ndim == 3
+            k: w for k, w in slot.items() if on and isinstance(w, quant.QTensor) and w.ndim == 3
         }
         sliced.append({k: w for k, w in slot.items() if k not in mats})
         stacked.append(mats)

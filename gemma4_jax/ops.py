@@ -87,18 +87,22 @@ def _pallas() -> bool:
 AUTO_PALLAS_ROWS = (8, 64)
 
 
-def _pallas_matmul(rows: int | None = None) -> bool:
-    """Pallas quantized matmuls: always in `pallas` mode; in `auto` mode for `rows` within
-    AUTO_PALLAS_ROWS (GEMMA4_JAX_BATCH_QMATMUL=0 turns that off, for A/B runs)."""
+def _batched_decode(x: jax.Array) -> bool:
+    """x holds AUTO_PALLAS_ROWS single-token rows (x[B, 1, K] or x[B, K]), not a prompt
+    (x[B, T, K], T > 1). A caller that flattens a prompt to x[B*T, K] looks like decode here:
+    only the MoE router does, and its weight is F32 (never a Pallas matmul)."""
+    lo, hi = AUTO_PALLAS_ROWS
+    return lo <= math.prod(x.shape[:-1]) <= hi and not (x.ndim >= 3 and x.shape[-2] > 1)
+
+
+def _pallas_matmul(batched_decode: bool = False) -> bool:
+    """Pallas quantized matmuls: always in `pallas` mode; in `auto` mode for batched decode
+    (GEMMA4_JAX_BATCH_QMATMUL=0 turns that off, for A/B runs)."""
     mode = kernel_mode()
     if mode == "pallas":
         return True
-    lo, hi = AUTO_PALLAS_ROWS
     return (
-        mode == "auto"
-        and rows is not None
-        and lo <= rows <= hi
-        and os.environ.get("GEMMA4_JAX_BATCH_QMATMUL", "1") != "0"
+        mode == "auto" and batched_decode and os.environ.get("GEMMA4_JAX_BATCH_QMATMUL", "1") != "0"
     )
 
 
@@ -193,19 +197,12 @@ class LayerSlice:
 def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
     """x[..., K] @ w[N, K]^T -> [..., N] in x.dtype, f32 accumulation. `w` may be a
     `LayerSlice`: the Pallas kernel then reads the stack in place, other paths slice it."""
-    # Rows of single tokens (decode: x[B, 1, K] or x[B, K]); a prompt's positions (x[B, T, K],
-    # T > 1) count as many rows (prefill keeps XLA in `auto`, see AUTO_PALLAS_ROWS). A caller
-    # that flattens a prompt to x[B*T, K] looks like decode rows here: only the MoE router
-    # does, and its weight is F32 (never a Pallas matmul).
-    rows = math.prod(x.shape[:-1])
-    if x.ndim >= 3 and x.shape[-2] > 1:
-        rows = max(rows, AUTO_PALLAS_ROWS[1] + 1)
+    batched = _batched_decode(x)
     if isinstance(w, LayerSlice):
         stack = w.stack
-        lo, hi = AUTO_PALLAS_ROWS
         if (
-            _pallas_matmul(rows)
-            and lo <= rows <= hi
+            batched  # the stacked kernel is the mma tiles of batched decode, in either mode
+            and _pallas_matmul(batched)
             and stack.ggml_type in _PALLAS_MATMUL_TYPES
             and _mesh() is None
         ):
@@ -215,7 +212,7 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
                 x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret()
             )
         w = w.take()
-    if _pallas_matmul(rows) and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
+    if _pallas_matmul(batched) and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
         from pallas_kernels import qmatmul as qk
 
         lead = x.shape[:-1]

@@ -356,6 +356,14 @@ def _unpack_k_scales(scales, xp=np):
     return sc, mn
 
 
+def _k_header(b, xp):
+    """The Q4_K/Q5_K block header as fields: `d, dmin` f16 and the 6-bit `sc, m` unpacked to a
+    byte each, one row per matrix row (`[..., nb, 8]` -> `[..., nb * 8]`)."""
+    sc, m = _unpack_k_scales(b[..., 4:16], xp)
+    row = lambda a: a.reshape(*a.shape[:-2], -1)
+    return _f16_field(b, 0, xp), _f16_field(b, 2, xp), row(sc), row(m)
+
+
 def _k_scale_min(t: Q4_K | Q5_K) -> tuple[jax.Array, jax.Array]:
     """`(d * sc, dmin * m)` as f32 `[..., nb, 8, 1]` (exact products, as in gguf-py)."""
     d = jnp.asarray(t.d).astype(jnp.float32)[..., None]  # [..., nb, 1]
@@ -394,15 +402,7 @@ class Q4_K(QTensor):
     @classmethod
     def _split(cls, b, xp):
         # ggml block_q4_K: d f16 | dmin f16 | scales uint8[12] | qs uint8[128]
-        sc, m = _unpack_k_scales(b[..., 4:16], xp)
-        row = lambda a: a.reshape(*a.shape[:-2], -1)
-        return (
-            _flat_field(b, 16, 144, xp=xp),
-            _f16_field(b, 0, xp),
-            _f16_field(b, 2, xp),
-            row(sc),
-            row(m),
-        )
+        return (_flat_field(b, 16, 144, xp=xp), *_k_header(b, xp))
 
     def _dequantize_f32(self):
         scale, mins = _k_scale_min(self)
@@ -433,16 +433,7 @@ class Q5_K(QTensor):
     @classmethod
     def _split(cls, b, xp):
         # ggml block_q5_K: d f16 | dmin f16 | scales uint8[12] | qh uint8[32] | qs uint8[128]
-        sc, m = _unpack_k_scales(b[..., 4:16], xp)
-        row = lambda a: a.reshape(*a.shape[:-2], -1)
-        return (
-            _flat_field(b, 48, 176, xp=xp),
-            _flat_field(b, 16, 48, xp=xp),
-            _f16_field(b, 0, xp),
-            _f16_field(b, 2, xp),
-            row(sc),
-            row(m),
-        )
+        return (_flat_field(b, 48, 176, xp=xp), _flat_field(b, 16, 48, xp=xp), *_k_header(b, xp))
 
     def _dequantize_f32(self):
         scale, mins = _k_scale_min(self)

@@ -499,6 +499,25 @@ def qmatmul(
     return y[:m, :n].reshape(*x.shape[:-1], n)
 
 
+def _expert_setup(fmt, fields, x2, block_sizes, rows_each: int, what: str):
+    """Checks, field views and mma tile sizes of a call on a ``W[E, N, K]`` stack (experts or
+    layers); the row tile fits ``rows_each``, the rows one expert gets.
+    Returns ``(E, N, views, padded N, block sizes)``."""
+    lead, n, k = qtiles.check_fields(fmt, fields)
+    if len(lead) != 1:
+        raise ValueError(f"{what}_qmatmul needs a weight [E, N, K], got leading axes {lead}")
+    _check_x(x2, k)
+    views, n_pad = _prepare_w(fmt, fields, 1)
+    base = block_sizes or BlockSizes()
+    if base.block_m is None:
+        bm = min(128, max(_MIN_DOT, _compat.next_pow2(rows_each)))
+        base = dataclasses.replace(base, block_m=bm)
+    bs = dataclasses.replace(base, kernel="mma").resolve(
+        fmt, m=x2.shape[0], n=n_pad, k=k, split=False
+    )
+    return lead[0], n, views, n_pad, bs
+
+
 @functools.partial(jax.jit, static_argnames=("fmt", "interpret", "block_sizes"))
 def stacked_qmatmul(
     x: jax.Array,
@@ -517,18 +536,9 @@ def stacked_qmatmul(
     kernel whole, every row tile visiting expert ``layer``, so only the tiles the kernel
     reads leave memory. ``layer`` is clamped to ``[0, L)`` as jnp indexing is.
     """
-    lead, n, k = qtiles.check_fields(fmt, fields)
-    if len(lead) != 1:
-        raise ValueError(f"stacked_qmatmul needs a weight [L, N, K], got leading axes {lead}")
-    (n_layers,) = lead
-    _check_x(x, k)
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
-    views, n_pad = _prepare_w(fmt, fields, 1)
-    base = block_sizes or BlockSizes()
-    if base.block_m is None:
-        base = dataclasses.replace(base, block_m=min(64, max(_MIN_DOT, _compat.next_pow2(m))))
-    bs = dataclasses.replace(base, kernel="mma").resolve(fmt, m=m, n=n_pad, k=k, split=False)
+    n_layers, n, views, n_pad, bs = _expert_setup(fmt, fields, x2, block_sizes, m, "stacked")
     m_tiles = pl.cdiv(m, bs.block_m)
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, n_layers - 1)
     # One visit per row tile, all of expert `layer` (rows [0, m) in every expert's bounds).
@@ -560,21 +570,12 @@ def ragged_qmatmul(
     past it are left unwritten). Always the mma kernel: the grid walks (row tile, expert) visits
     (``R / block_m + min(E, R) - 1`` of them at most; unused ones exit at once).
     """
-    lead, n, k = qtiles.check_fields(fmt, fields)
-    if len(lead) != 1:
-        raise ValueError(f"ragged_qmatmul needs a weight [E, N, K], got leading axes {lead}")
-    (e,) = lead
-    _check_x(x, k)
+    r = x.shape[0]
+    # Average rows per expert picks the row tile (decode batches: a few rows each).
+    avg = max(1, r // max(1, group_sizes.size))
+    e, n, views, n_pad, bs = _expert_setup(fmt, fields, x, block_sizes, avg, "ragged")
     if x.ndim != 2 or group_sizes.shape != (e,):
         raise ValueError(f"need x[R, K] and group_sizes[{e}], got {x.shape}, {group_sizes.shape}")
-    r = x.shape[0]
-    views, n_pad = _prepare_w(fmt, fields, 1)
-    base = block_sizes or BlockSizes()
-    if base.block_m is None:
-        # Average rows per expert picks the row tile (decode batches: a few rows each).
-        avg = max(1, r // e)
-        base = dataclasses.replace(base, block_m=min(128, max(_MIN_DOT, _compat.next_pow2(avg))))
-    bs = dataclasses.replace(base, kernel="mma").resolve(fmt, m=r, n=n_pad, k=k, split=False)
     bm = bs.block_m
     m_tiles = pl.cdiv(r, bm)
     n_visits = m_tiles + min(e, r) - 1

@@ -110,13 +110,19 @@ def test_prefill_compiles_once_per_bucket(fixtures_dir):
     assert gen.TRACE_COUNTS["prefill"] - before == 1
 
 
-def test_generation_is_one_decode_program_call(fixtures_dir, monkeypatch):
-    model, ref = load_fixture(fixtures_dir, "moe_tiny")
+def _count_decode_loop_calls(monkeypatch) -> list:
+    """A list that grows by one per call of the decode-loop program (for this test only)."""
     program = gen._program("decode_loop")
     calls = []
     monkeypatch.setitem(
         gen._PROGRAMS, "decode_loop", lambda *a, **k: calls.append(1) or program(*a, **k)
     )
+    return calls
+
+
+def test_generation_is_one_decode_program_call(fixtures_dir, monkeypatch):
+    model, ref = load_fixture(fixtures_dir, "moe_tiny")
+    calls = _count_decode_loop_calls(monkeypatch)
     out = g4.generate(model.params, [ref["prompt_0"]], max_new_tokens=20, stop_tokens=())
     assert len(out.tokens[0]) == 20 and len(calls) == 1
     # streaming in chunks of 8: 3 calls of the same program
@@ -133,11 +139,7 @@ def test_first_token_before_the_decode_loop(fixtures_dir, monkeypatch):
     """The first token is yielded from the prefill logits before the decode loop runs, and N
     tokens cost N - 1 decode steps (the last position fed is prompt + N - 2)."""
     model, ref = load_fixture(fixtures_dir, "moe_tiny")
-    program = gen._program("decode_loop")
-    calls = []
-    monkeypatch.setitem(
-        gen._PROGRAMS, "decode_loop", lambda *a, **k: calls.append(1) or program(*a, **k)
-    )
+    calls = _count_decode_loop_calls(monkeypatch)
     prompt = ref["prompt_0"]
     stream = g4.generate_stream(model.params, [prompt], max_new_tokens=6, stop_tokens=(), chunk=8)
     first = next(stream)
