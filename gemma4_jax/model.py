@@ -393,8 +393,8 @@ def _split_matrices(seg_params) -> tuple[list[dict], list[dict]]:
     With `ops.stacked_weights()` the matrices stay whole and reach `ops.matmul` as
     `LayerSlice`s: XLA's fused matvecs read the slice in place either way, but a Pallas matmul
     (batched decode) needs the stack itself, as a slice before a custom call is a copy of the
-    layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms). Off by default until
-    measured on the GPU; then every weight is sliced by the scan as before.
+    layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms). With the switch off
+    (GEMMA4_JAX_STACKED_QMATMUL=0, for A/B runs) the scan slices every weight.
     """
     on = ops.stacked_weights()
     sliced, stacked = [], []

@@ -37,7 +37,7 @@ def test_fixture_with_kernels(fixtures_dir, name, file, mode):
 
 @pytest.mark.parametrize("file", ["model-Q4_K_M.gguf", "model-Q8_0.gguf"])
 def test_batched_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file):
-    # Batch 8 in `auto` mode with GEMMA4_JAX_STACKED_QMATMUL=1: the decode matmuls take the
+    # Batch 8 in `auto` mode (GEMMA4_JAX_STACKED_QMATMUL on, the default): the decode matmuls take the
     # Pallas kernel on the layer scan's stacked weights (ops.LayerSlice ->
     # qmatmul.stacked_qmatmul); every row is the fixture's
     # prompt, so every row must reproduce the reference greedy tokens.
@@ -49,7 +49,7 @@ def test_batched_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file):
     calls = []
     real = qk.stacked_qmatmul
     monkeypatch.setattr(qk, "stacked_qmatmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setenv("GEMMA4_JAX_STACKED_QMATMUL", "1")  # opt-in (not yet measured on GPU)
+    monkeypatch.setenv("GEMMA4_JAX_STACKED_QMATMUL", "1")  # the default, made explicit
 
     def fresh_programs():  # traced again, through the patch / without the switch
         jax.clear_caches()
