@@ -37,10 +37,10 @@ def test_fixture_with_kernels(fixtures_dir, name, file, mode):
 
 @pytest.mark.parametrize("file", ["model-Q4_K_M.gguf", "model-Q8_0.gguf"])
 def test_batched_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file):
-    # Batch 8 in `auto` mode (GEMMA4_JAX_STACKED_QMATMUL on, the default): the decode matmuls take the
-    # Pallas kernel on the layer scan's stacked weights (ops.LayerSlice ->
-    # qmatmul.stacked_qmatmul); every row is the fixture's
-    # prompt, so every row must reproduce the reference greedy tokens.
+    # Batch 8 in `auto` mode (GEMMA4_JAX_STACKED_QMATMUL on, the default): the decode
+    # matmuls take the Pallas kernel on the layer scan's stacked weights (ops.LayerSlice ->
+    # qmatmul.stacked_qmatmul); every row is the fixture's prompt, so every row must
+    # reproduce the reference greedy tokens.
     import jax
 
     from pallas_kernels import qmatmul as qk
