@@ -10,7 +10,7 @@ reductions over the packed bytes (matvec.py), prefill as dequantize+dot). The mo
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
 takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL, GEMMA4_JAX_PACKED_MATVEC,
-GEMMA4_JAX_STACKED_QMATMUL; for A/B runs) are also read at trace time but are NOT part of any
+GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_STACKED_MATVEC; for A/B runs) are also read at trace time but are NOT part of any
 cache key: set them before the first call, or call `jax.clear_caches()` and clear
 `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
@@ -201,17 +201,24 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
     batched = _batched_decode(x)
     if isinstance(w, LayerSlice):
         stack = w.stack
-        if (
-            batched  # the stacked kernel is the mma tiles of batched decode, in either mode
-            and _pallas_matmul(batched)
-            and stack.ggml_type in _PALLAS_MATMUL_TYPES
-            and _mesh() is None
-        ):
+        if stack.ggml_type in _PALLAS_MATMUL_TYPES and _mesh() is None:
             from pallas_kernels import qmatmul as qk
 
-            return qk.stacked_qmatmul(
-                x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret()
-            )
+            fields = _fields(stack)
+            if batched and _pallas_matmul(batched):  # the mma tiles of batched decode
+                return qk.stacked_qmatmul(
+                    x, stack.ggml_type, fields, w.index, interpret=_interpret()
+                )
+            if math.prod(x.shape[:-1]) == 1 and _stacked_matvec(stack.ggml_type):
+                # One row: the vector kernel on the stack, the layer as the "expert".
+                y = qk.grouped_qmatmul(
+                    x.reshape(1, -1),
+                    stack.ggml_type,
+                    fields,
+                    jnp.reshape(w.index, (1, 1)).astype(jnp.int32),
+                    interpret=_interpret(),
+                )
+                return y.reshape(*x.shape[:-1], y.shape[-1])
         w = w.take()
     if _pallas_matmul(batched) and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
         from pallas_kernels import qmatmul as qk
@@ -236,6 +243,19 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
 
 
 _PALLAS_MATMUL_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _stacked_matvec(fmt: str) -> bool:
+    """Batch-1 matmuls on a layer scan's stacked weight through the Pallas vector kernel,
+    reading the stack in place: always in `pallas` mode; in `auto` mode for the formats listed
+    in GEMMA4_JAX_STACKED_MATVEC (comma-separated ggml names, `all`, or empty for none)."""
+    mode = kernel_mode()
+    if mode == "pallas":
+        return True
+    if mode != "auto":
+        return False
+    want = os.environ.get("GEMMA4_JAX_STACKED_MATVEC", "").replace(" ", "").upper()
+    return want == "ALL" or fmt in want.split(",")
 
 
 def _packed_matvec() -> bool:

@@ -35,21 +35,32 @@ def test_fixture_with_kernels(fixtures_dir, name, file, mode):
     np.testing.assert_array_equal(out.tokens[0], ref["greedy_0"][:6])
 
 
-@pytest.mark.parametrize("file", ["model-Q4_K_M.gguf", "model-Q8_0.gguf"])
-def test_batched_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file):
-    # Batch 8 in `auto` mode (GEMMA4_JAX_STACKED_QMATMUL on, the default): the decode
-    # matmuls take the Pallas kernel on the layer scan's stacked weights (ops.LayerSlice ->
-    # qmatmul.stacked_qmatmul); every row is the fixture's prompt, so every row must
-    # reproduce the reference greedy tokens.
+STACKED_CASES = [
+    # Batch 8 (GEMMA4_JAX_STACKED_QMATMUL on, the default): the batched decode matmuls take
+    # the mma kernel on the layer scan's stacked weights (ops.LayerSlice -> stacked_qmatmul).
+    ("model-Q4_K_M.gguf", 8, {"GEMMA4_JAX_STACKED_QMATMUL": "1"}, "stacked_qmatmul"),
+    ("model-Q8_0.gguf", 8, {"GEMMA4_JAX_STACKED_QMATMUL": "1"}, "stacked_qmatmul"),
+    # Batch 1 with GEMMA4_JAX_STACKED_MATVEC: the vector kernel on the stack (grouped_qmatmul,
+    # the layer as the expert).
+    ("model-Q4_K_M.gguf", 1, {"GEMMA4_JAX_STACKED_MATVEC": "Q4_K,Q5_K,Q6_K"}, "grouped_qmatmul"),
+    ("model-Q8_0.gguf", 1, {"GEMMA4_JAX_STACKED_MATVEC": "all"}, "grouped_qmatmul"),
+]
+
+
+@pytest.mark.parametrize(("file", "batch", "env", "kernel"), STACKED_CASES)
+def test_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file, batch, env, kernel):
+    # Every row is the fixture's prompt, so every row must reproduce the reference greedy
+    # tokens; the patched kernel entry proves the stacked path was taken.
     import jax
 
     from pallas_kernels import qmatmul as qk
 
     model, ref = load_fixture(fixtures_dir, "quant_small", file)
     calls = []
-    real = qk.stacked_qmatmul
-    monkeypatch.setattr(qk, "stacked_qmatmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setenv("GEMMA4_JAX_STACKED_QMATMUL", "1")  # the default, made explicit
+    real = getattr(qk, kernel)
+    monkeypatch.setattr(qk, kernel, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
 
     def fresh_programs():  # traced again, through the patch / without the switch
         jax.clear_caches()
@@ -59,10 +70,10 @@ def test_batched_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file):
     prompt = ref["prompt_0"]
     try:
         with g4.use_kernels("auto"):
-            out = g4.generate(model.params, [prompt] * 8, max_new_tokens=4, stop_tokens=())
+            out = g4.generate(model.params, [prompt] * batch, max_new_tokens=4, stop_tokens=())
     finally:
         monkeypatch.undo()
         fresh_programs()
-    assert calls, "batched decode did not reach stacked_qmatmul"
+    assert calls, f"decode did not reach {kernel}"
     for row in out.tokens:
         np.testing.assert_array_equal(row, ref["greedy_0"][:4])
