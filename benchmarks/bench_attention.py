@@ -14,10 +14,11 @@ Rows (batch 1, bf16, H = 8 query heads, Hk = 2 kv heads, the E4B attention shape
 - ``qk_norm_rope`` (one launch for q, k, v) vs its unfused jnp reference at T = 1 / 2K / 8K,
   in us and in GB/s of bytes in + out.
 
-Method (as benchmarks/bench_qmatmul.py): each executable holds R independent back-to-back calls
-over C copies of the inputs (C * bytes >= 256 MiB where it matters, more than the 50 MiB L2, so
-decode streams its cache from HBM as a real decode step does); time = median over --reps runs
-/ R. jax.block_until_ready around every run; no Python dispatch inside the timed region.
+Method (as benchmarks/bench_qmatmul.py): each executable holds R independent back-to-back calls,
+each on its own copy of the inputs (R * bytes >= 256 MiB where it matters, more than the 50 MiB
+L2, so decode streams its cache from HBM as a real decode step does; never two calls on the same
+inputs, which XLA would merge into one); time = median over --reps runs / R.
+jax.block_until_ready around every run; no Python dispatch inside the timed region.
 
     python benchmarks/bench_attention.py --out attention.json        # a few minutes on an H100
     python benchmarks/bench_attention.py --sweep --out sweep.json    # + block-size candidates
@@ -49,6 +50,7 @@ from pallas_kernels import flash_attention as fa  # noqa: E402
 from pallas_kernels import qk_norm_rope as nr  # noqa: E402
 
 FLUSH_BYTES = 256 << 20
+MAX_RESIDENT_BYTES = 8 << 30  # all copies of one job's inputs
 COPY_BYTES = 512 << 20
 BF16 = jnp.bfloat16
 
@@ -70,12 +72,16 @@ class Job:
     flush_bytes: int = 0  # bytes resident per copy, for C (default: bytes_per_call)
 
     def plan(self, smoke: bool) -> tuple[int, int]:
+        """(R calls per executable, C input copies), with R == C: every call gets inputs of
+        its own. Two calls on the same inputs are the same HLO instruction, which XLA's CSE
+        merges (a custom call without side effects included), so R > C timed R / C times too
+        little work (the first version did: a 32K decode "read" 134 MB in 13.8 us)."""
         if smoke:
             return 1, 1
-        flush = self.flush_bytes or self.bytes_per_call
-        c = max(1, min(16, math.ceil(FLUSH_BYTES / max(flush, 1))))
-        r = max(c, min(64, max(2, math.ceil(3e-3 / self.est_s))))
-        return r, c
+        flush = max(1, self.flush_bytes or self.bytes_per_call)
+        r = max(2, min(64, math.ceil(3e-3 / self.est_s)), math.ceil(FLUSH_BYTES / flush))
+        r = max(1, min(r, MAX_RESIDENT_BYTES // flush))
+        return r, r
 
 
 def _compile(job: Job, smoke: bool):
