@@ -10,9 +10,9 @@ reductions over the packed bytes (matvec.py), prefill as dequantize+dot). The mo
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
 takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL, GEMMA4_JAX_PACKED_MATVEC,
-GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_STACKED_MATVEC; for A/B runs) are also read at trace time but are NOT part of any
-cache key: set them before the first call, or call `jax.clear_caches()` and clear
-`generate._PROGRAMS` as benchmarks/decode_probe.py does.
+GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_STACKED_MATVEC; for A/B runs) are also read at trace
+time but are NOT part of any cache key: set them before the first call, or call
+`jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
 Meshes (see `sharding.py`): the jnp reference path is partitioned by XLA from the shardings of
 its inputs. A Pallas call is opaque to XLA's partitioner (it would gather its operands and run
