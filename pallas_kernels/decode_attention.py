@@ -75,11 +75,21 @@ class BlockSizes:
         summarise. Fields the caller set are kept (``decode_attention`` then rejects a config
         that cannot fit at all). Untuned: sweep with benchmarks/bench_attention.py."""
         block_k = self.block_k
+        num_stages = self.num_stages
+        if itemsize == 2 and head_dim >= 512 and block_k is None and num_stages is None:
+            # Measured bf16 on the H100 (RESULTS.md run n, bench_attention.py --sweep): 16
+            # slots x 4 stages read a 32K D=512 cache in 58.9 us (84% of copy) and a 4K one in
+            # 16.7, against 75.7 / 19.6 with 2 stages; over the f32-made budget, under the limit.
+            cand = dict(rows=rows, block_k=16, head_dim=head_dim, itemsize=itemsize, num_stages=4)
+            if fa.smem_lower_bound(**cand) <= fa.SMEM_LIMIT:
+                block_k, num_stages = 16, 4
+        tuned = num_stages is not None and self.num_stages is None
         if block_k is None:
             block_k = max(16, min(64, _compat.next_pow2(seq_k)))
-        num_stages = self.num_stages or 2
+        num_stages = num_stages or 2
         while (
-            fa.smem_bytes(
+            not tuned
+            and fa.smem_bytes(
                 rows=rows,
                 block_k=block_k,
                 head_dim=head_dim,

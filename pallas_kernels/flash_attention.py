@@ -116,6 +116,24 @@ class BlockSizes:
         32, rows to 32, block_k to 16, 1 stage, rows to 16. Fields the caller set are kept
         (``flash_attention`` then rejects a config that cannot fit at all)."""
         min_q = max(1, -(-16 // group))  # Triton dots need M >= 16
+        tuned = _TUNED_BF16.get(head_dim) if itemsize == 2 else None
+        if tuned is not None:
+            rows, bk, warps, stages = tuned
+            cand = BlockSizes(
+                self.block_q or max(min(rows // group, _compat.next_pow2(seq_q)), min_q),
+                self.block_k or max(16, min(bk, _compat.next_pow2(seq_k))),
+                self.num_warps or warps,
+                self.num_stages or stages,
+            )
+            need = smem_lower_bound(
+                rows=cand.block_q * group,
+                block_k=cand.block_k,
+                head_dim=head_dim,
+                itemsize=itemsize,
+                num_stages=cand.num_stages,
+            )
+            if need <= SMEM_LIMIT:
+                return cand
         block_q = self.block_q
         if block_q is None:
             rows = 128 if head_dim <= 128 else 64
@@ -150,6 +168,14 @@ class BlockSizes:
                 break  # nothing left to shrink; flash_attention checks the hard limit
         num_warps = self.num_warps or (4 if head_dim <= 64 else 8)
         return BlockSizes(block_q, block_k, num_warps, num_stages)
+
+
+# Measured bf16 tiles on the H100 (benchmarks/RESULTS.md run n, bench_attention.py --sweep at
+# T = 2048, H = 8, Hk = 2): head_dim -> (rows = block_q * group, block_k, warps, stages).
+# D = 512 global: 233 us vs 669 with the budget rule below; D = 256 window 512: 48 vs 81 us.
+# They exceed the conservative SMEM_BUDGET estimate (made for f32 dots) but compile and run in
+# bf16; a tuned config is still checked against the hard lower bound.
+_TUNED_BF16 = {512: (32, 32, 4, 2), 256: (128, 32, 8, 3)}
 
 
 def _flash_kernel(
