@@ -352,7 +352,7 @@ def run_cached(
     cache = list(cache)
     for si in seg_ids:
         seg = segs[si]
-        sliced, stacked = _split_matrices(params.segments[si])
+        sliced, stacked = _split_matrices(params.segments[si], rows=h.shape[0] * h.shape[1])
         donor_cache = _donor_caches(c, seg, cache)
 
         def body(carry, xs, seg=seg, donor_cache=donor_cache, stacked=stacked):
@@ -387,7 +387,7 @@ def run_cached(
     return h, tuple(cache)
 
 
-def _split_matrices(seg_params) -> tuple[list[dict], list[dict]]:
+def _split_matrices(seg_params, *, rows: int) -> tuple[list[dict], list[dict]]:
     """Per slot: (what the scan slices per layer, the stacked 2-D matmul weights).
 
     With `ops.stacked_weights()` the matrices stay whole and reach `ops.matmul` as
@@ -400,7 +400,9 @@ def _split_matrices(seg_params) -> tuple[list[dict], list[dict]]:
     sliced, stacked = [], []
     for slot in seg_params:
         mats = {
-            k: w for k, w in slot.items() if on and isinstance(w, quant.QTensor) and w.ndim == 3
+            k: w
+            for k, w in slot.items()
+            if on and isinstance(w, quant.QTensor) and w.ndim == 3 and ops.keep_stacked(w, rows)
         }
         sliced.append({k: w for k, w in slot.items() if k not in mats})
         stacked.append(mats)

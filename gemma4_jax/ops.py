@@ -10,8 +10,8 @@ reductions over the packed bytes (matvec.py), prefill as dequantize+dot). The mo
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
 takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL, GEMMA4_JAX_PACKED_MATVEC,
-GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_STACKED_MATVEC; for A/B runs) are also read at trace
-time but are NOT part of any cache key: set them before the first call, or call
+GEMMA4_JAX_STACKED_QMATMUL; for A/B runs) are also read at trace time but are NOT part of any
+cache key: set them before the first call, or call
 `jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
 Meshes (see `sharding.py`): the jnp reference path is partitioned by XLA from the shardings of
@@ -177,6 +177,17 @@ def stacked_weights() -> bool:
     return os.environ.get("GEMMA4_JAX_STACKED_QMATMUL", "1") != "0"
 
 
+def keep_stacked(w: quant.QTensor, rows: int) -> bool:
+    """Whether the layer scan hands weight `w` over whole (a `LayerSlice`) for `rows` rows a
+    step. Batched decode: always (its Pallas matmul reads the stack in place). One row, where
+    XLA's reductions read either form in place, it was measured (H100, E4B, RESULTS.md run n):
+    K-quant stacks are faster taken in the layer body (Q4_K_M 192 -> 206 tok/s), Q8_0 ones as
+    the scan's own slices (273 vs 265), so only the K-quants stay whole."""
+    if kernel_mode() == "pallas":  # every matmul is a Pallas call: slicing would copy
+        return True
+    return rows >= AUTO_PALLAS_ROWS[0] or w.ggml_type in ("Q4_K", "Q5_K", "Q6_K")
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSlice:
     """Layer `index` of a stacked weight `stack[L, N, K]`, not sliced yet.
@@ -209,8 +220,10 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
                 return qk.stacked_qmatmul(
                     x, stack.ggml_type, fields, w.index, interpret=_interpret()
                 )
-            if math.prod(x.shape[:-1]) == 1 and _stacked_matvec(stack.ggml_type):
-                # One row: the vector kernel on the stack, the layer as the "expert".
+            if math.prod(x.shape[:-1]) == 1 and kernel_mode() == "pallas":
+                # One row: the vector kernel on the stack, the layer as the "expert". (In
+                # `auto` this measured slower than XLA's reductions: Q4_K_M 194 vs 206 tok/s,
+                # Q8_0 221 vs 265; RESULTS.md run n.)
                 y = qk.grouped_qmatmul(
                     x.reshape(1, -1),
                     stack.ggml_type,
@@ -243,19 +256,6 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
 
 
 _PALLAS_MATMUL_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
-
-
-def _stacked_matvec(fmt: str) -> bool:
-    """Batch-1 matmuls on a layer scan's stacked weight through the Pallas vector kernel,
-    reading the stack in place: always in `pallas` mode; in `auto` mode for the formats listed
-    in GEMMA4_JAX_STACKED_MATVEC (comma-separated ggml names, `all`, or empty for none)."""
-    mode = kernel_mode()
-    if mode == "pallas":
-        return True
-    if mode != "auto":
-        return False
-    want = os.environ.get("GEMMA4_JAX_STACKED_MATVEC", "").replace(" ", "").upper()
-    return want == "ALL" or fmt in want.split(",")
 
 
 def _packed_matvec() -> bool:

@@ -36,19 +36,18 @@ def test_fixture_with_kernels(fixtures_dir, name, file, mode):
 
 
 STACKED_CASES = [
-    # Batch 8 (GEMMA4_JAX_STACKED_QMATMUL on, the default): the batched decode matmuls take
-    # the mma kernel on the layer scan's stacked weights (ops.LayerSlice -> stacked_qmatmul).
-    ("model-Q4_K_M.gguf", 8, {"GEMMA4_JAX_STACKED_QMATMUL": "1"}, "stacked_qmatmul"),
-    ("model-Q8_0.gguf", 8, {"GEMMA4_JAX_STACKED_QMATMUL": "1"}, "stacked_qmatmul"),
-    # Batch 1 with GEMMA4_JAX_STACKED_MATVEC: the vector kernel on the stack (grouped_qmatmul,
-    # the layer as the expert).
-    ("model-Q4_K_M.gguf", 1, {"GEMMA4_JAX_STACKED_MATVEC": "Q4_K,Q5_K,Q6_K"}, "grouped_qmatmul"),
-    ("model-Q8_0.gguf", 1, {"GEMMA4_JAX_STACKED_MATVEC": "all"}, "grouped_qmatmul"),
+    # Batch 8, `auto`: the batched decode matmuls take the mma kernel on the layer scan's
+    # stacked weights (ops.LayerSlice -> stacked_qmatmul).
+    ("model-Q4_K_M.gguf", 8, "auto", "stacked_qmatmul"),
+    ("model-Q8_0.gguf", 8, "auto", "stacked_qmatmul"),
+    # Batch 1, `pallas`: the vector kernel on the stack (grouped_qmatmul, layer as expert).
+    ("model-Q4_K_M.gguf", 1, "pallas", "grouped_qmatmul"),
+    ("model-Q8_0.gguf", 1, "pallas", "grouped_qmatmul"),
 ]
 
 
-@pytest.mark.parametrize(("file", "batch", "env", "kernel"), STACKED_CASES)
-def test_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file, batch, env, kernel):
+@pytest.mark.parametrize(("file", "batch", "mode", "kernel"), STACKED_CASES)
+def test_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file, batch, mode, kernel):
     # Every row is the fixture's prompt, so every row must reproduce the reference greedy
     # tokens; the patched kernel entry proves the stacked path was taken.
     import jax
@@ -59,17 +58,15 @@ def test_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file, batch, en
     calls = []
     real = getattr(qk, kernel)
     monkeypatch.setattr(qk, kernel, lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
 
-    def fresh_programs():  # traced again, through the patch / without the switch
+    def fresh_programs():  # traced again, through the patch
         jax.clear_caches()
         sys.modules["gemma4_jax.generate"]._PROGRAMS.clear()
 
     fresh_programs()
     prompt = ref["prompt_0"]
     try:
-        with g4.use_kernels("auto"):
+        with g4.use_kernels(mode):
             out = g4.generate(model.params, [prompt] * batch, max_new_tokens=4, stop_tokens=())
     finally:
         monkeypatch.undo()
