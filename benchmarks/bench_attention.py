@@ -84,7 +84,13 @@ class Job:
         if smoke:
             return 1, 1
         flush = max(1, self.flush_bytes or self.bytes_per_call)
-        r = max(2, min(64, math.ceil(3e-3 / self.est_s)), math.ceil(FLUSH_BYTES / flush))
+        if self.stacked:  # decode: enough caches that they stream from HBM, not L2
+            r = max(2, min(64, math.ceil(3e-3 / self.est_s)), math.ceil(FLUSH_BYTES / flush))
+        else:
+            # Every call is its own custom call to compile: up to 64 of them per executable
+            # did not finish compiling prefill 2K-32K in 330 s on the H100 (run n). Inputs of
+            # >= 12 MB a call make 16 copies exceed the 50 MiB L2 anyway.
+            r = max(2, min(16, math.ceil(3e-3 / self.est_s)))
         r = max(1, min(r, MAX_RESIDENT_BYTES // flush))
         return r, (1 if self.stacked else r)
 
