@@ -73,7 +73,8 @@ class BlockSizes:
         the group padded to 16). Splits: ~2 waves of programs over 132 SMs when the cache is
         long enough, capped at 64 so the f32 partials stay small next to the cache bytes they
         summarise. Fields the caller set are kept (``decode_attention`` then rejects a config
-        that cannot fit at all). Untuned: sweep with benchmarks/bench_attention.py."""
+        that cannot fit at all). bf16 with D >= 512 takes the tiles measured best on the H100
+        (16 slots, 4 stages, see below); re-sweep with bench_attention.py --sweep."""
         block_k = self.block_k
         num_stages = self.num_stages
         if itemsize == 2 and head_dim >= 512 and block_k is None and num_stages is None:
