@@ -246,3 +246,33 @@ def test_bench_sharded_smoke(tmp_path, fixtures_dir):
         assert two["efficiency"] == pytest.approx(two["speedup"] / 2)
     assert rows[("decode_b4_dp", 2)]["mesh"] == "2x1"
     assert "| model | measurement |" in s["markdown"]
+
+
+def test_bench_attention_never_times_merged_calls():
+    # Two calls on the same inputs are one HLO instruction to XLA's CSE, so a timed executable
+    # must give every call inputs of its own: R copies for R calls, or (decode) one set holding
+    # R stacked caches with a distinct layer per call. (Run (a) timed R / C times too little.)
+    from benchmarks import bench_attention as ba
+
+    cases = [(4096, 4095, 512, False), (32768, 32767, 512, False), (512, 100000, 256, True)]
+    jobs = (
+        ba.decode_jobs(cases, interpret=False, sweep=False)
+        + ba.prefill_jobs([2048, 32768], interpret=False, sweep=False)
+        + ba.norm_rope_jobs([1, 2048], interpret=False, sweep=False)
+    )
+    for job in jobs:
+        r, c = job.plan(smoke=False)
+        if job.stacked:
+            assert c == 1 and r >= 2, (job.name, r, c)
+            k = jax.eval_shape(lambda job=job, r=r: job.make_args(jax.random.PRNGKey(0), r))[1]
+            assert k.shape[0] == r, (job.name, k.shape)  # one cache per call
+            # and R of them stream from HBM, not the 50 MiB L2
+            assert r * job.flush_bytes >= min(ba.FLUSH_BYTES, ba.MAX_RESIDENT_BYTES), job.name
+        else:
+            assert r == c and 2 <= r <= 16, (job.name, r, c)
+
+
+def test_bench_attention_smoke_runs():
+    from benchmarks import bench_attention as ba
+
+    assert ba.main(["--smoke"]) == 0
