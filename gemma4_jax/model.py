@@ -390,19 +390,16 @@ def run_cached(
 def _split_matrices(seg_params, *, rows: int) -> tuple[list[dict], list[dict]]:
     """Per slot: (what the scan slices per layer, the stacked 2-D matmul weights).
 
-    With `ops.stacked_weights()` the matrices stay whole and reach `ops.matmul` as
-    `LayerSlice`s: XLA's fused matvecs read the slice in place either way, but a Pallas matmul
-    (batched decode) needs the stack itself, as a slice before a custom call is a copy of the
-    layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms). With the switch off
-    (GEMMA4_JAX_STACKED_QMATMUL=0, for A/B runs) the scan slices every weight.
+    The matrices `ops.keep_stacked` picks stay whole and reach `ops.matmul` as `LayerSlice`s:
+    a Pallas matmul needs the stack itself, as a slice before a custom call is a copy of the
+    layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms).
     """
-    on = ops.stacked_weights()
     sliced, stacked = [], []
     for slot in seg_params:
         mats = {
             k: w
             for k, w in slot.items()
-            if on and isinstance(w, quant.QTensor) and w.ndim == 3 and ops.keep_stacked(w, rows)
+            if isinstance(w, quant.QTensor) and w.ndim == 3 and ops.keep_stacked(w, rows)
         }
         sliced.append({k: w for k, w in slot.items() if k not in mats})
         stacked.append(mats)

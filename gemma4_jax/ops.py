@@ -169,21 +169,20 @@ def _fields(w: quant.QTensor) -> dict:
     return {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
 
 
-def stacked_weights() -> bool:
-    """The cache-mode layer scan passes its matmul weights as `LayerSlice`s (see
-    model._split_matrices), so batched decode's Pallas matmul reads the stack in place. Measured
-    on the H100 (RESULTS.md run n): batch 32 2,961 -> 3,265 tok/s, batch 8 790 -> 969.
-    GEMMA4_JAX_STACKED_QMATMUL=0 turns it off (A/B runs). Read when decode programs are traced."""
-    return os.environ.get("GEMMA4_JAX_STACKED_QMATMUL", "1") != "0"
-
-
 def keep_stacked(w: quant.QTensor, rows: int) -> bool:
-    """Whether the layer scan hands weight `w` over whole (a `LayerSlice`) for `rows` rows a
-    step. Batched decode: always (its Pallas matmul reads the stack in place). One row, where
-    XLA's reductions read either form in place, it was measured (H100, E4B, RESULTS.md run n):
+    """Whether the cache-mode layer scan hands weight `w` over whole (a `LayerSlice`, see
+    model._split_matrices) for `rows` rows a step, so a Pallas matmul reads the stack in place
+    (a slice before a custom call is a copy of the layer's weight every step).
+
+    Batched decode: always (H100, RESULTS.md run n: batch 32 2,961 -> 3,265 tok/s, batch 8
+    790 -> 969). One row, where XLA's reductions read either form in place, it was measured:
     K-quant stacks are faster taken in the layer body (Q4_K_M 192 -> 206 tok/s), Q8_0 ones as
-    the scan's own slices (273 vs 265), so only the K-quants stay whole."""
-    if kernel_mode() == "pallas":  # every matmul is a Pallas call: slicing would copy
+    the scan's own slices (273 vs 265), so only the K-quants stay whole. In `pallas` mode every
+    stack stays whole. GEMMA4_JAX_STACKED_QMATMUL=0 slices every weight (A/B runs); read when
+    decode programs are traced."""
+    if os.environ.get("GEMMA4_JAX_STACKED_QMATMUL", "1") == "0":
+        return False
+    if kernel_mode() == "pallas":  # every matmul is a Pallas call
         return True
     return rows >= AUTO_PALLAS_ROWS[0] or w.ggml_type in ("Q4_K", "Q5_K", "Q6_K")
 
@@ -212,26 +211,15 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
     batched = _batched_decode(x)
     if isinstance(w, LayerSlice):
         stack = w.stack
-        if stack.ggml_type in _PALLAS_MATMUL_TYPES and _mesh() is None:
+        # The same rule as below, with the stack read in place. (`auto` keeps batch 1 on XLA:
+        # the vector kernel in place measured slower there, Q4_K_M 194 vs 206 tok/s, Q8_0 221
+        # vs 265; RESULTS.md run n.)
+        if _pallas_matmul(batched) and stack.ggml_type in _PALLAS_MATMUL_TYPES and _mesh() is None:
             from pallas_kernels import qmatmul as qk
 
-            fields = _fields(stack)
-            if batched and _pallas_matmul(batched):  # the mma tiles of batched decode
-                return qk.stacked_qmatmul(
-                    x, stack.ggml_type, fields, w.index, interpret=_interpret()
-                )
-            if math.prod(x.shape[:-1]) == 1 and kernel_mode() == "pallas":
-                # One row: the vector kernel on the stack, the layer as the "expert". (In
-                # `auto` this measured slower than XLA's reductions: Q4_K_M 194 vs 206 tok/s,
-                # Q8_0 221 vs 265; RESULTS.md run n.)
-                y = qk.grouped_qmatmul(
-                    x.reshape(1, -1),
-                    stack.ggml_type,
-                    fields,
-                    jnp.reshape(w.index, (1, 1)).astype(jnp.int32),
-                    interpret=_interpret(),
-                )
-                return y.reshape(*x.shape[:-1], y.shape[-1])
+            return qk.stacked_qmatmul(
+                x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret()
+            )
         w = w.take()
     if _pallas_matmul(batched) and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
         from pallas_kernels import qmatmul as qk

@@ -75,22 +75,38 @@ class BlockSizes:
         summarise. Fields the caller set are kept (``decode_attention`` then rejects a config
         that cannot fit at all). bf16 with D >= 512 takes the tiles measured best on the H100
         (16 slots, 4 stages, see below); re-sweep with bench_attention.py --sweep."""
-        block_k = self.block_k
-        num_stages = self.num_stages
-        if itemsize == 2 and head_dim >= 512 and block_k is None and num_stages is None:
+        block_k, num_stages = self.block_k, self.num_stages
+        tuned = (
+            itemsize == 2
+            and head_dim >= 512
+            and block_k is None
+            and num_stages is None
+            and fa.smem_lower_bound(
+                rows=rows, block_k=16, head_dim=head_dim, itemsize=itemsize, num_stages=4
+            )
+            <= fa.SMEM_LIMIT
+        )
+        if tuned:
             # Measured bf16 on the H100 (RESULTS.md run n, bench_attention.py --sweep): 16
             # slots x 4 stages read a 32K D=512 cache in 58.9 us (84% of copy) and a 4K one in
             # 16.7, against 75.7 / 19.6 with 2 stages; over the f32-made budget, under the limit.
-            cand = dict(rows=rows, block_k=16, head_dim=head_dim, itemsize=itemsize, num_stages=4)
-            if fa.smem_lower_bound(**cand) <= fa.SMEM_LIMIT:
-                block_k, num_stages = 16, 4
-        tuned = num_stages is not None and self.num_stages is None
-        if block_k is None:
-            block_k = max(16, min(64, _compat.next_pow2(seq_k)))
-        num_stages = num_stages or 2
+            block_k, num_stages = 16, 4
+        else:
+            block_k, num_stages = self._fit_budget(rows, seq_k, head_dim, itemsize)
+        k_splits = self.k_splits
+        if k_splits is None:
+            want = _compat.next_pow2(max(1, 264 // (batch * kv_heads)))
+            k_splits = max(1, min(want, 64, pl.cdiv(seq_k, block_k)))
+        num_warps = self.num_warps or 4
+        return BlockSizes(block_k, k_splits, num_warps, num_stages)
+
+    def _fit_budget(self, rows: int, seq_k: int, head_dim: int, itemsize: int):
+        """(block_k, num_stages): the caller's, else 64 slots and 2 stages shrunk (block_k to
+        16, then 1 stage) until ``flash_attention.smem_bytes <= SMEM_BUDGET``."""
+        block_k = self.block_k or max(16, min(64, _compat.next_pow2(seq_k)))
+        num_stages = self.num_stages or 2
         while (
-            not tuned
-            and fa.smem_bytes(
+            fa.smem_bytes(
                 rows=rows,
                 block_k=block_k,
                 head_dim=head_dim,
@@ -105,12 +121,7 @@ class BlockSizes:
                 num_stages = 1
             else:
                 break  # nothing left to shrink; decode_attention checks the hard limit
-        k_splits = self.k_splits
-        if k_splits is None:
-            want = _compat.next_pow2(max(1, 264 // (batch * kv_heads)))
-            k_splits = max(1, min(want, 64, pl.cdiv(seq_k, block_k)))
-        num_warps = self.num_warps or 4
-        return BlockSizes(block_k, k_splits, num_warps, num_stages)
+        return block_k, num_stages
 
 
 def _decode_kernel(

@@ -118,15 +118,19 @@ class BlockSizes:
         dims in ``_TUNED_BF16`` starts from the tiles measured best on the H100 instead (the
         fields the caller left free), if they fit the hard shared-memory lower bound."""
         min_q = max(1, -(-16 // group))  # Triton dots need M >= 16
-        tuned = _TUNED_BF16.get(head_dim) if itemsize == 2 else None
-        if tuned is not None:
-            rows, bk, warps, stages = tuned
-            cand = BlockSizes(
+
+        def start(rows: int, bk: int, warps: int, stages: int) -> BlockSizes:
+            """The caller's fields, the rest from these tiles (fitted to short sequences)."""
+            return BlockSizes(
                 self.block_q or max(min(rows // group, _compat.next_pow2(seq_q)), min_q),
                 self.block_k or max(16, min(bk, _compat.next_pow2(seq_k))),
                 self.num_warps or warps,
                 self.num_stages or stages,
             )
+
+        tuned = _TUNED_BF16.get(head_dim) if itemsize == 2 else None
+        if tuned is not None:
+            cand = start(*tuned)
             need = smem_lower_bound(
                 rows=cand.block_q * group,
                 block_k=cand.block_k,
@@ -136,14 +140,13 @@ class BlockSizes:
             )
             if need <= SMEM_LIMIT:
                 return cand
-        block_q = self.block_q
-        if block_q is None:
-            rows = 128 if head_dim <= 128 else 64
-            block_q = max(min(rows // group, _compat.next_pow2(seq_q)), min_q)
-        block_k = self.block_k
-        if block_k is None:
-            block_k = max(16, min(64, _compat.next_pow2(seq_k)))
-        num_stages = self.num_stages or 2
+        first = start(128 if head_dim <= 128 else 64, 64, 4 if head_dim <= 64 else 8, 2)
+        block_q, block_k, num_warps, num_stages = (
+            first.block_q,
+            first.block_k,
+            first.num_warps,
+            first.num_stages,
+        )
         free_q, free_k, free_s = self.block_q is None, self.block_k is None, not self.num_stages
 
         while (
@@ -168,7 +171,6 @@ class BlockSizes:
                 block_q //= 2
             else:
                 break  # nothing left to shrink; flash_attention checks the hard limit
-        num_warps = self.num_warps or (4 if head_dim <= 64 else 8)
         return BlockSizes(block_q, block_k, num_warps, num_stages)
 
 

@@ -534,10 +534,27 @@ def stacked_qmatmul(
     before a custom call makes XLA copy that layer's weight first (a batch-32 E4B decode
     profile: 384 such copies, 3.6 of 10.3 ms per step). Here the stack goes to the ragged mma
     kernel whole, every row tile visiting expert ``layer``, so only the tiles the kernel
-    reads leave memory. ``layer`` is clamped to ``[0, L)`` as jnp indexing is.
+    reads leave memory. Up to ``VECTOR_MAX_M`` rows (unless ``block_sizes`` asks for mma) it is
+    the vector kernel with every row's "expert" the layer, as ``grouped_qmatmul`` runs it.
+    ``layer`` is clamped to ``[0, L)`` as jnp indexing is.
     """
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
+    base = block_sizes or BlockSizes()
+    if base.kernel == "vector" or (base.kernel is None and m <= VECTOR_MAX_M):
+        lead, n, k = qtiles.check_fields(fmt, fields)
+        if len(lead) != 1:
+            raise ValueError(f"stacked_qmatmul needs a weight [L, N, K], got leading axes {lead}")
+        _check_x(x2, k)
+        views, n_pad = _prepare_w(fmt, fields, 1)
+        bs = dataclasses.replace(base, kernel="vector", block_m=1).resolve(fmt, m=m, n=n_pad, k=k)
+        layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, lead[0] - 1)
+        rows = jnp.arange(m, dtype=jnp.int32)
+        with jax.named_scope(f"stacked_qmatmul_{fmt}"):
+            y = _vector_call(
+                x2, fmt, views, n_pad, bs, interpret, experts=jnp.full((m,), layer), x_rows=rows
+            )
+        return y[:, :n].reshape(*x.shape[:-1], n)
     n_layers, n, views, n_pad, bs = _expert_setup(fmt, fields, x2, block_sizes, m, "stacked")
     m_tiles = pl.cdiv(m, bs.block_m)
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, n_layers - 1)

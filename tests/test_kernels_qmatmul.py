@@ -380,11 +380,14 @@ class TestQMatmul:
     @pytest.mark.parametrize(
         "fmt, m, layer, dtype",
         [(f, 8, 2, jnp.float32) for f in FORMATS]
+        + [(f, 1, 3, jnp.float32) for f in FORMATS]  # the vector kernel, layer as expert
+        + [("Q4_K", 3, 1, jnp.bfloat16)]
         + [("Q8_0", 32, 0, jnp.bfloat16), ("Q4_K", 40, 3, jnp.bfloat16), ("Q6_K", 64, 1, "f")],
     )
     def test_stacked(self, fmt, m, layer, dtype):
-        # x @ W[layer]^T with the stack read in place (one ragged visit per row tile); every
-        # layer holds different data, so reading the wrong one fails.
+        # x @ W[layer]^T with the stack read in place (one ragged visit per row tile, or up to
+        # VECTOR_MAX_M rows the vector kernel); every layer holds different data, so reading
+        # the wrong one fails.
         dtype = jnp.float32 if dtype == "f" else dtype
         n_layers, n = 4, 40
         k = 2 * qtiles.FORMATS[fmt].block

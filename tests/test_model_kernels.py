@@ -40,9 +40,9 @@ STACKED_CASES = [
     # stacked weights (ops.LayerSlice -> stacked_qmatmul).
     ("model-Q4_K_M.gguf", 8, "auto", "stacked_qmatmul"),
     ("model-Q8_0.gguf", 8, "auto", "stacked_qmatmul"),
-    # Batch 1, `pallas`: the vector kernel on the stack (grouped_qmatmul, layer as expert).
-    ("model-Q4_K_M.gguf", 1, "pallas", "grouped_qmatmul"),
-    ("model-Q8_0.gguf", 1, "pallas", "grouped_qmatmul"),
+    # Batch 1, `pallas`: the vector kernel on the stack (stacked_qmatmul's few-row path).
+    ("model-Q4_K_M.gguf", 1, "pallas", "stacked_qmatmul"),
+    ("model-Q8_0.gguf", 1, "pallas", "stacked_qmatmul"),
 ]
 
 
