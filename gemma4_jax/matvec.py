@@ -134,7 +134,9 @@ def _q6_k(x, w):
     low = (ql[:, :, :, 0] & 0x0F, ql[:, :, :, 1] & 0x0F, ql[:, :, :, 0] >> 4, ql[:, :, :, 1] >> 4)
     acc = None
     for s in range(4):
-        q = _f32((low[s] | (((qh >> (2 * s)) & 3) << 4)).astype(jnp.int8) - jnp.int8(32))
+        # The -32 offset in f32 (exact for 0..63): as an int8 subtraction fused into this
+        # reduction, XLA:CPU (jax 0.10.2) summed wrong values under jit (tests/test_matvec.py).
+        q = _f32(low[s] | (((qh >> (2 * s)) & 3) << 4)) - 32.0
         term = ((d * sc[:, :, :, s]) * q) * xs[:, :, s]
         acc = term if acc is None else acc + term
     return _sum(acc)
