@@ -37,6 +37,7 @@ VARIANTS = {
     "auto-packed": ("auto", "", {"GEMMA4_JAX_PACKED_MATVEC": "0"}),
     "auto-batchq": ("auto", "", {"GEMMA4_JAX_BATCH_QMATMUL": "0"}),
     "auto-stacked": ("auto", "", {"GEMMA4_JAX_STACKED_QMATMUL": "0"}),
+    "auto-nrjnp": ("auto", "", {"GEMMA4_JAX_PREFILL_NORM_ROPE": "jnp"}),
     "pallas": ("pallas", "", {}),
     "reference+cmdbuf": ("reference", CMDBUF, {}),
     "auto+cmdbuf": ("auto", CMDBUF, {}),
@@ -74,11 +75,13 @@ def worker(args) -> list[dict]:
             t0 = time.perf_counter()
             g4.generate(params, prompt, max_new_tokens=args.steps, stop_tokens=())
             first = time.perf_counter() - t0
-            dec = []
+            dec, pre = [], []
             for _ in range(3):
                 r = g4.generate(params, prompt, max_new_tokens=args.steps, stop_tokens=())
                 dec.append(r.timings["elapsed_s"] - r.timings["prefill_s"])
+                pre.append(r.timings["prefill_s"])
             dec.sort()
+            pre.sort()
             med = dec[1]
             out = {
                 "variant": name,
@@ -87,6 +90,8 @@ def worker(args) -> list[dict]:
                 "decode_s": dec,
                 "tok_s": args.batch * args.steps / med,
                 "ms_per_step": 1e3 * med / args.steps,
+                "prefill_s": pre,
+                "prefill_tok_s": args.batch * args.ctx / pre[1],
             }
         except Exception as e:  # one failing variant must not sink the others
             out = {"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -161,12 +166,14 @@ def main():
     print(
         f"\n{args.family} {args.quant}, batch {args.batch}, context {args.ctx}, "
         f"{args.steps} steps\n"
-        "| variant | tok/s | ms/step | first call s | kernels/step |\n|---|---|---|---|---|"
+        "| variant | tok/s | ms/step | prefill tok/s | first call s | kernels/step |\n"
+        "|---|---|---|---|---|---|"
     )
     for r in rows:
         kk = r.get("kernels_per_step", {}).get("launches_per_call", "")
         print(
             f"| {r['variant']} | {r.get('tok_s', 0):.1f} | {r.get('ms_per_step', 0):.2f} | "
+            f"{r.get('prefill_tok_s', 0):,.0f} | "
             f"{r.get('first_call_s', 0):.1f} | {kk} | {r.get('error', '')[:60]}"
         )
     if args.out:
