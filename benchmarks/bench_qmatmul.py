@@ -82,7 +82,9 @@ class Job:
     def plan(self) -> tuple[int, int]:
         """(R calls per executable, C weight copies)."""
         if self.kind == "copy":
-            return 4, 1
+            # One copy per executable: R copies of one input would be fused by XLA into one
+            # kernel that reads it once (a 4-copy executable "measured" 3.8 TB/s, above HBM peak).
+            return 1, 1
         c = min(MAX_CALLS, max(1, math.ceil(FLUSH_BYTES / self.weight_bytes)))
         est = max(self.weight_bytes / 2.0e12, self.flops / 4.0e14) + 3e-6  # seconds
         r = min(MAX_CALLS, max(4, math.ceil(2e-3 / est)))
@@ -126,7 +128,7 @@ def _make(job: Job, interpret: bool):
         n_words = COPY_BYTES // 4
 
         def fn(a):
-            return tuple(a + jnp.uint32(i + 1) for i in range(r))
+            return a + jnp.uint32(1)
 
         abstract = (jax.ShapeDtypeStruct((n_words,), jnp.uint32),)
         return fn, abstract, lambda key: (jax.random.bits(key, (n_words,), jnp.uint32),)
