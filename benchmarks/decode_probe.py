@@ -38,6 +38,8 @@ VARIANTS = {
     "auto-batchq": ("auto", "", {"GEMMA4_JAX_BATCH_QMATMUL": "0"}),
     "auto-stacked": ("auto", "", {"GEMMA4_JAX_STACKED_QMATMUL": "0"}),
     "auto-nrjnp": ("auto", "", {"GEMMA4_JAX_PREFILL_NORM_ROPE": "jnp"}),
+    "auto+fold": ("auto", "", {"GEMMA4_JAX_NORM_FOLD": "1"}),
+    "auto-dropwrite": ("auto", "", {"GEMMA4_JAX_CACHE_WRITE": "drop"}),
     "pallas": ("pallas", "", {}),
     "reference+cmdbuf": ("reference", CMDBUF, {}),
     "auto+cmdbuf": ("auto", CMDBUF, {}),

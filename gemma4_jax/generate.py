@@ -177,6 +177,13 @@ def decode_step(params: Params, token, cache, pos):
     """One token per row at positions pos[B]: returns (logits [B, V], updated cache)."""
     token = jnp.asarray(token, jnp.int32)
     pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), token.shape)
+    if not isinstance(pos, jax.core.Tracer):
+        # The cache write assumes its slot is in bounds (model.write_cache): say so here.
+        lo, hi, size = int(pos.min()), int(pos.max()), cache_max_len(params, cache)
+        if lo < 0 or hi >= size:
+            raise InputError(
+                f"position {lo if lo < 0 else hi} is outside a cache of {size} positions"
+            )
     token, pos = _on_mesh(params, token, pos)
     return _program("decode_step")(params, token, cache, pos, kernels=ops.kernel_mode())
 

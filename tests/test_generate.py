@@ -176,3 +176,13 @@ def test_context_errors(fixtures_dir):
         g4.generate(model.params, [[1, 2, model.config.vocab_size + 5]], max_new_tokens=2)
     with pytest.raises(g4.InputError, match="empty"):
         g4.generate(model.params, [[]], max_new_tokens=2)
+
+
+def test_decode_step_position_outside_the_cache(fixtures_dir):
+    # The cache write promises XLA an in-bounds slot, so decode_step checks positions itself.
+    model, _ = load_fixture(fixtures_dir, "e4b_tiny")
+    cache = g4.init_cache(model.params, 1, 32)
+    with pytest.raises(g4.InputError, match="position 32 is outside a cache of 32 positions"):
+        g4.decode_step(model.params, [5], cache, [32])
+    with pytest.raises(g4.InputError, match="position -1"):
+        g4.decode_step(model.params, [5], cache, [-1])
