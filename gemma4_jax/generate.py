@@ -178,7 +178,7 @@ def decode_step(params: Params, token, cache, pos):
     token = jnp.asarray(token, jnp.int32)
     pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), token.shape)
     if not isinstance(pos, jax.core.Tracer):
-        # The cache write assumes its slot is in bounds (model.write_cache): say so here.
+        # Out of bounds, the cache write would be dropped and the step silently wrong.
         lo, hi, size = int(pos.min()), int(pos.max()), cache_max_len(params, cache)
         if lo < 0 or hi >= size:
             raise InputError(

@@ -401,27 +401,11 @@ def decode_attention(q, k, v, pos, *, ring: bool, scale: float = 1.0, layer=None
     return da.decode_attention_reference(q, k, v, pos, ring=ring, scale=scale, layer=layer)
 
 
-def norm_fold() -> bool:
-    """GEMMA4_JAX_NORM_FOLD=1: batch-1 projections apply the RMSNorm scale after the matvec
-    (model.NormedInput; an A/B switch read at trace time)."""
-    return os.environ.get("GEMMA4_JAX_NORM_FOLD", "0") == "1"
-
-
-def _norm_rope_jnp_prefill(q) -> bool:
-    """`auto` mode, a prompt (q[B, T>1, ...]) and GEMMA4_JAX_PREFILL_NORM_ROPE=jnp: the jnp path,
-    which XLA fuses with its neighbours (an A/B switch for prefill; read at trace time)."""
-    return (
-        kernel_mode() == "auto"
-        and q.shape[1] > 1
-        and os.environ.get("GEMMA4_JAX_PREFILL_NORM_ROPE", "kernel") == "jnp"
-    )
-
-
 def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
     """Per-head RMSNorm of q/k (weighted) and v (no weight) + NeoX RoPE of q/k."""
     from pallas_kernels import qk_norm_rope as nr
 
-    if _pallas() and not _norm_rope_jnp_prefill(q):
+    if _pallas():
         mesh = _mesh()
         if mesh is None:
             return nr.qk_norm_rope(

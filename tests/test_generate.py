@@ -179,7 +179,7 @@ def test_context_errors(fixtures_dir):
 
 
 def test_decode_step_position_outside_the_cache(fixtures_dir):
-    # The cache write promises XLA an in-bounds slot, so decode_step checks positions itself.
+    # A write outside the cache would be dropped (silently wrong logits): an error instead.
     model, _ = load_fixture(fixtures_dir, "e4b_tiny")
     cache = g4.init_cache(model.params, 1, 32)
     with pytest.raises(g4.InputError, match="position 32 is outside a cache of 32 positions"):
