@@ -174,16 +174,22 @@ def prefill(params: Params, tokens, cache, lengths=None):
 
 
 def decode_step(params: Params, token, cache, pos):
-    """One token per row at positions pos[B]: returns (logits [B, V], updated cache)."""
+    """One token per row at positions pos[B]: returns (logits [B, V], updated cache).
+
+    Positions must lie inside the cache (an `InputError` otherwise); pass them as host values
+    (numpy / ints) to keep the step asynchronous, as checking a device array reads it back.
+    """
     token = jnp.asarray(token, jnp.int32)
-    pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), token.shape)
     if not isinstance(pos, jax.core.Tracer):
-        # Out of bounds, the cache write would be dropped and the step silently wrong.
-        lo, hi, size = int(pos.min()), int(pos.max()), cache_max_len(params, cache)
+        # Out of bounds, the cache write would be dropped and the step silently wrong. Host
+        # positions are checked for free; a device array costs one device -> host read.
+        p = np.asarray(pos)
+        lo, hi, size = int(p.min()), int(p.max()), cache_max_len(params, cache)
         if lo < 0 or hi >= size:
             raise InputError(
                 f"position {lo if lo < 0 else hi} is outside a cache of {size} positions"
             )
+    pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), token.shape)
     token, pos = _on_mesh(params, token, pos)
     return _program("decode_step")(params, token, cache, pos, kernels=ops.kernel_mode())
 
