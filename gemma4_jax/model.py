@@ -387,19 +387,25 @@ def run_cached(
     return h, tuple(cache)
 
 
+# Per-head norm weights [L, D] that the fused norm+RoPE kernel reads in place from the stack.
+_STACKED_NORMS = ("attn_q_norm", "attn_k_norm")
+
+
 def _split_matrices(seg_params, *, rows: int) -> tuple[list[dict], list[dict]]:
-    """Per slot: (what the scan slices per layer, the stacked 2-D matmul weights).
+    """Per slot: (what the scan slices per layer, the weights handed over stacked).
 
     The matrices `ops.keep_stacked` picks stay whole and reach `ops.matmul` as `LayerSlice`s:
     a Pallas matmul needs the stack itself, as a slice before a custom call is a copy of the
-    layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms).
+    layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms). So do the q/k head-norm
+    weights, for the norm+RoPE kernel (66 small copies, ~3% of an E4B batch-1 step).
     """
     sliced, stacked = [], []
     for slot in seg_params:
         mats = {
             k: w
             for k, w in slot.items()
-            if isinstance(w, quant.QTensor) and w.ndim == 3 and ops.keep_stacked(w, rows)
+            if (isinstance(w, quant.QTensor) and w.ndim == 3 and ops.keep_stacked(w, rows))
+            or (k in _STACKED_NORMS and ops.stacked_weights())
         }
         sliced.append({k: w for k, w in slot.items() if k not in mats})
         stacked.append(mats)

@@ -169,6 +169,12 @@ def _fields(w: quant.QTensor) -> dict:
     return {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
 
 
+def stacked_weights() -> bool:
+    """False under GEMMA4_JAX_STACKED_QMATMUL=0: the layer scan slices every weight (A/B runs
+    of `keep_stacked` and of the stacked head-norm weights; read when programs are traced)."""
+    return os.environ.get("GEMMA4_JAX_STACKED_QMATMUL", "1") != "0"
+
+
 def keep_stacked(w: quant.QTensor, rows: int) -> bool:
     """Whether the cache-mode layer scan hands weight `w` over whole (a `LayerSlice`, see
     model._split_matrices) for `rows` rows a step, so a Pallas matmul reads the stack in place
@@ -180,7 +186,7 @@ def keep_stacked(w: quant.QTensor, rows: int) -> bool:
     the scan's own slices (273 vs 265), so only the K-quants stay whole. In `pallas` mode every
     stack stays whole. GEMMA4_JAX_STACKED_QMATMUL=0 slices every weight (A/B runs); read when
     decode programs are traced."""
-    if os.environ.get("GEMMA4_JAX_STACKED_QMATMUL", "1") == "0":
+    if not stacked_weights():
         return False
     if kernel_mode() == "pallas":  # every matmul is a Pallas call
         return True
@@ -189,14 +195,14 @@ def keep_stacked(w: quant.QTensor, rows: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LayerSlice:
-    """Layer `index` of a stacked weight `stack[L, N, K]`, not sliced yet.
+    """Layer `index` of a stacked weight `stack[L, N, K]` (or `[L, D]`), not sliced yet.
 
     The model's cache-mode layer scan hands its matmul weights over this way. XLA's own
     fusions read a dynamic slice in place, but a custom call gets its operands materialised:
     slicing before a Pallas matmul copied each layer's weight every step (see `matmul`).
     """
 
-    stack: quant.QTensor
+    stack: quant.QTensor | jax.Array  # a stacked matrix, or stacked [L, D] norm weights
     index: jax.Array  # int32 scalar
 
     def take(self) -> quant.QTensor:
@@ -402,15 +408,25 @@ def decode_attention(q, k, v, pos, *, ring: bool, scale: float = 1.0, layer=None
 
 
 def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
-    """Per-head RMSNorm of q/k (weighted) and v (no weight) + NeoX RoPE of q/k."""
+    """Per-head RMSNorm of q/k (weighted) and v (no weight) + NeoX RoPE of q/k.
+
+    `q_w` / `k_w` may be `LayerSlice`s of stacked `[L, D]` weights (the cache-mode layer scan):
+    the kernel then reads its row in place (a slice before the custom call is a copy per
+    layer per step, ~2 us each: 66 per E4B decode step); other paths slice."""
     from pallas_kernels import qk_norm_rope as nr
 
     if _pallas():
         mesh = _mesh()
         if mesh is None:
+            if isinstance(q_w, LayerSlice):
+                return nr.qk_norm_rope(
+                    q, k, v, q_w.stack, None if k_w is None else k_w.stack, positions, inv_freq,
+                    eps=eps, interpret=_interpret(), layer=q_w.index,
+                )  # fmt: skip
             return nr.qk_norm_rope(
                 q, k, v, q_w, k_w, positions, inv_freq, eps=eps, interpret=_interpret()
             )
+        q_w, k_w = _taken(q_w), _taken(k_w)
         # Per row and head: rows on "data", whole q heads and (separately) kv heads on "model".
         b = _split(mesh, "data", q.shape[0])
         heads = lambda x: None if x is None else P(b, None, _split(mesh, "model", x.shape[2]), None)
@@ -424,4 +440,10 @@ def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
             specs,
         )
         return call(q, k, v, q_w, k_w, positions, inv_freq)
-    return nr.qk_norm_rope_reference(q, k, v, q_w, k_w, positions, inv_freq, eps=eps)
+    return nr.qk_norm_rope_reference(
+        q, k, v, _taken(q_w), _taken(k_w), positions, inv_freq, eps=eps
+    )
+
+
+def _taken(w):
+    return w.take() if isinstance(w, LayerSlice) else w

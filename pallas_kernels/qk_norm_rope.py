@@ -17,6 +17,10 @@ What is notable here:
   can differ by one bf16 ulp.)
 - ``k`` and/or ``v`` may be None (KV-shared layers: only q). A K=V layer passes the raw k
   projection as ``v`` too: it is normalised without weight and not rotated.
+- The weights may come stacked, ``q_w[L, D]`` / ``k_w[L, D]`` with ``layer``: the model's layer
+  scan hands them over whole and the kernel reads row ``layer`` (loaded inside, like
+  decode_attention's stacked caches). A slice before the call is a copy XLA makes per layer
+  and step (an E4B decode step: 66 of them, ~2 us each, ~3% of the step).
 """
 
 from __future__ import annotations
@@ -52,8 +56,9 @@ class BlockSizes:
         return BlockSizes(block_t, self.num_warps or 4)
 
 
-def _norm_rope_head(x_ref, o_ref, w_ref, cos, sin, row_ok, *, eps: float, half: int):
-    """Normalise one head of ``block_t`` tokens (and rotate it when ``cos`` is given)."""
+def _norm_rope_head(x_ref, o_ref, w_ref, layer, cos, sin, row_ok, *, eps: float, half: int):
+    """Normalise one head of ``block_t`` tokens (and rotate it when ``cos`` is given);
+    the weight is row ``layer`` of ``w_ref[L, D]``."""
     mask = row_ok[:, None]
     lo = pl.ds(0, half)
     hi = pl.ds(half, half)
@@ -64,8 +69,8 @@ def _norm_rope_head(x_ref, o_ref, w_ref, cos, sin, row_ok, *, eps: float, half: 
     x1 = x1 * r
     x2 = x2 * r
     if w_ref is not None:
-        x1 = x1 * w_ref[lo].astype(jnp.float32)[None, :]
-        x2 = x2 * w_ref[hi].astype(jnp.float32)[None, :]
+        x1 = x1 * _compat.load(w_ref.at[layer, lo]).astype(jnp.float32)[None, :]
+        x2 = x2 * _compat.load(w_ref.at[layer, hi]).astype(jnp.float32)[None, :]
     if cos is not None:
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     _compat.store(o_ref.at[:, lo], x1.astype(o_ref.dtype), mask=mask)
@@ -75,17 +80,19 @@ def _norm_rope_head(x_ref, o_ref, w_ref, cos, sin, row_ok, *, eps: float, half: 
 def _qk_norm_rope_kernel(*refs, heads: tuple[int, ...], has_w: tuple[bool, ...], **kw):
     # refs, in order (one head of block_t tokens per program):
     #   pos_ref       [bt] int32
+    #   layer_ref     [] int32: the row of the stacked weights
     #   inv_freq_ref  [D/2] f32
-    #   w refs        [D] each: q_w, then k_w if k is present
+    #   w refs        [L, D] each: q_w, then k_w if k is present
     #   x refs        [bt, D] each: q, then k, then v (those present)
     #   out refs      [bt, D] each, same order as the x refs
     eps, half, block_t, seq = kw["eps"], kw["half"], kw["block_t"], kw["seq"]
     n = len(heads)
-    pos_ref, inv_freq_ref = refs[:2]
+    pos_ref, layer_ref, inv_freq_ref = refs[:3]
     n_w = sum(has_w)
-    w_refs = list(refs[2 : 2 + n_w])
-    x_refs = refs[2 + n_w : 2 + n_w + n]
-    o_refs = refs[2 + n_w + n :]
+    w_refs = list(refs[3 : 3 + n_w])
+    x_refs = refs[3 + n_w : 3 + n_w + n]
+    o_refs = refs[3 + n_w + n :]
+    layer = layer_ref[()]
     w_refs = [w_refs.pop(0) if hw else None for hw in has_w]
 
     row_ok = (pl.program_id(1) * block_t + jnp.arange(block_t, dtype=jnp.int32)) < seq
@@ -102,13 +109,13 @@ def _qk_norm_rope_kernel(*refs, heads: tuple[int, ...], has_w: tuple[bool, ...],
                 ang = p[:, None] * inv_freq_ref[...].astype(jnp.float32)[None, :]  # [bt, D/2]
                 cos, sin = jnp.cos(ang), jnp.sin(ang)
             _norm_rope_head(
-                x_refs[idx], o_refs[idx], w_refs[idx], cos, sin, row_ok, eps=eps, half=half
+                x_refs[idx], o_refs[idx], w_refs[idx], layer, cos, sin, row_ok, eps=eps, half=half
             )
 
         first += heads[idx]
 
 
-def _validate(q, k, v, q_w, k_w, positions, inv_freq, eps, block_sizes):
+def _validate(q, k, v, q_w, k_w, positions, inv_freq, eps, block_sizes, layer):
     if q.ndim != 4:
         raise ValueError(f"{q.shape=} must be [B, T, H, D]")
     batch, seq, _, head_dim = q.shape
@@ -119,10 +126,18 @@ def _validate(q, k, v, q_w, k_w, positions, inv_freq, eps, block_sizes):
             raise ValueError(f"{name}.shape={x.shape} must be [B={batch}, T={seq}, Hk, {head_dim}]")
     if k is not None and v is not None and k.shape != v.shape:
         raise ValueError(f"{k.shape=} must equal {v.shape=}")
-    if q_w.shape != (head_dim,):
-        raise ValueError(f"{q_w.shape=} must be ({head_dim},)")
-    if k is not None and (k_w is None or k_w.shape != (head_dim,)):
-        raise ValueError(f"k_w must be a ({head_dim},) array when k is given, got {k_w=}")
+    if layer is None:
+        want, what = (head_dim,), f"({head_dim},)"
+    else:
+        if jnp.size(layer) != 1 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+            raise ValueError(f"{jnp.shape(layer)=} must be one integer (shape () or (1,))")
+        want, what = (q_w.shape[0], head_dim), f"[L, {head_dim}] (stacked, with layer)"
+        if q_w.ndim != 2:
+            raise ValueError(f"{q_w.shape=} must be {what}")
+    if q_w.shape != want:
+        raise ValueError(f"{q_w.shape=} must be {what}")
+    if k is not None and (k_w is None or k_w.shape != want):
+        raise ValueError(f"k_w must be a {what} array when k is given, got {k_w=}")
     if positions.shape != (batch, seq) or not jnp.issubdtype(positions.dtype, jnp.integer):
         raise ValueError(f"{positions.shape=} {positions.dtype=} must be an integer [B, T]")
     if inv_freq.shape != (head_dim // 2,):
@@ -138,17 +153,22 @@ def qk_norm_rope(
     q: jax.Array,  # [B, T, H, D]
     k: jax.Array | None,  # [B, T, Hk, D]
     v: jax.Array | None,  # [B, T, Hk, D]
-    q_w: jax.Array,  # [D]
-    k_w: jax.Array | None,  # [D]
+    q_w: jax.Array,  # [D], or [L, D] with `layer`
+    k_w: jax.Array | None,  # like q_w
     positions: jax.Array,  # [B, T] int
     inv_freq: jax.Array,  # [D/2] f32
     *,
     eps: float,
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
+    layer: jax.Array | int | None = None,  # [] or [1] int: the row of stacked q_w / k_w
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Fused RMSNorm (+ RoPE) of q, k, v in one launch; see the module doc."""
-    _validate(q, k, v, q_w, k_w, positions, inv_freq, eps, block_sizes)
+    _validate(q, k, v, q_w, k_w, positions, inv_freq, eps, block_sizes, layer)
+    if layer is None:  # a stack of one (a reshape: no copy)
+        q_w, k_w, layer = q_w[None], None if k_w is None else k_w[None], 0
+    # Clamped like jnp's w[layer], so a bad index can never read outside the stack on the GPU.
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(1), 0, q_w.shape[0] - 1)
     batch, seq, _, head_dim = q.shape
     half = head_dim // 2
     bs = (block_sizes or BlockSizes()).resolve(seq=seq, head_dim=head_dim)
@@ -182,8 +202,11 @@ def qk_norm_rope(
         grid=(batch, pl.cdiv(seq, bs.block_t), sum(heads)),
         in_specs=[
             pl.BlockSpec((None, bs.block_t), lambda b, i, g: (b, i)),
+            pl.BlockSpec((None,), lambda b, i, g: (0,)),
             pl.BlockSpec((half,), lambda b, i, g: (0,)),
-            *[pl.BlockSpec((head_dim,), lambda b, i, g: (0,)) for _ in ws],
+            # Every stacked row: the layer is picked inside the kernel (an index map cannot
+            # read a traced value without scalar prefetch, which the Triton lowering lacks).
+            *[pl.BlockSpec(w.shape, lambda b, i, g: (0, 0)) for w in ws],
             *x_specs,
         ],
         out_specs=x_specs,
@@ -191,7 +214,7 @@ def qk_norm_rope(
         compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=1),
         interpret=interpret,
         name="qk_norm_rope",
-    )(positions.astype(jnp.int32), inv_freq.astype(jnp.float32), *ws, *xs)
+    )(positions.astype(jnp.int32), layer, inv_freq.astype(jnp.float32), *ws, *xs)
     outs = iter(outs)
     return tuple(next(outs) if x is not None else None for x in (q, k, v))
 
@@ -216,14 +239,20 @@ def qk_norm_rope_reference(
     q: jax.Array,  # [B, T, H, D]
     k: jax.Array | None,  # [B, T, Hk, D]
     v: jax.Array | None,  # [B, T, Hk, D]
-    q_w: jax.Array,  # [D]
-    k_w: jax.Array | None,  # [D]
+    q_w: jax.Array,  # [D], or [L, D] with `layer`
+    k_w: jax.Array | None,  # like q_w
     positions: jax.Array,  # [B, T] int
     inv_freq: jax.Array,  # [D/2]
     *,
     eps: float,
+    layer: jax.Array | int | None = None,  # [] or [1] int: the row of stacked q_w / k_w
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Unfused jnp: ``rope(rms_norm(x, w))`` for q and k, ``rms_norm(v)``; f32, one rounding."""
+    if layer is not None:  # the reference may slice (dynamic indexing clamps to [0, L))
+        layer = jnp.asarray(layer, jnp.int32).reshape(())
+        q_w = lax.dynamic_index_in_dim(q_w, layer, 0, keepdims=False)
+        if k_w is not None:
+            k_w = lax.dynamic_index_in_dim(k_w, layer, 0, keepdims=False)
     qo = rope(rms_norm(q, q_w, eps), positions, inv_freq).astype(q.dtype)
     ko = None if k is None else rope(rms_norm(k, k_w, eps), positions, inv_freq).astype(k.dtype)
     vo = None if v is None else rms_norm(v, None, eps).astype(v.dtype)

@@ -630,10 +630,63 @@ class TestQKNormRope:
         _close(out[1], nr.rms_norm(k, k_w, 1e-6), F32, "k")
         _close(out[2], nr.rms_norm(v, None, 1e-6), F32, "v")
 
+    @pytest.mark.parametrize("kv", ["qkv", "q"])
+    def test_stacked_weights_read_in_place(self, kv):
+        # q_w / k_w stacked [L, D] with `layer` (as the model's layer scan passes them): the
+        # result must be that of row `layer`, for every layer (traced, as inside the scan).
+        c = NormRopeCase(1, 1, 8, 2, 256, kv, BF16, None, 9000, 37)
+        q, k, v, _, _, positions, inv_freq = _norm_rope_inputs(c)
+        ks = jax.random.split(jax.random.PRNGKey(38), 2)
+        q_ws = 1.0 + 0.5 * jax.random.normal(ks[0], (3, c.d), jnp.float32)
+        k_ws = (
+            1.0 + 0.5 * jax.random.normal(ks[1], (3, c.d), jnp.float32) if k is not None else None
+        )
+        run = jax.jit(
+            lambda layer: nr.qk_norm_rope(
+                q,
+                k,
+                v,
+                q_ws,
+                k_ws,
+                positions,
+                inv_freq,
+                eps=1e-6,
+                layer=layer,
+                interpret=self.interpret,
+            )
+        )
+        for layer in range(3):
+            out = run(jnp.int32(layer))
+            ref = nr.qk_norm_rope_reference(
+                q,
+                k,
+                v,
+                q_ws[layer],
+                None if k is None else k_ws[layer],
+                positions,
+                inv_freq,
+                eps=1e-6,
+            )
+            stacked_ref = nr.qk_norm_rope_reference(
+                q, k, v, q_ws, k_ws, positions, inv_freq, eps=1e-6, layer=layer
+            )
+            for name, o, r, sr in zip("qkv", out, ref, stacked_ref, strict=True):
+                if r is None:
+                    assert o is None and sr is None, name
+                else:
+                    _close(o, r, c.dtype, f"layer {layer} {name}")
+                    np.testing.assert_array_equal(np.asarray(sr), np.asarray(r))
+
     def test_validation(self):
         q = jnp.zeros((1, 2, 4, 64), jnp.float32)
         k = jnp.zeros((1, 2, 2, 64), jnp.float32)
         w, pos, inv = jnp.ones((64,)), jnp.zeros((1, 2), jnp.int32), jnp.zeros((32,))
+        with pytest.raises(ValueError, match="stacked"):
+            nr.qk_norm_rope(q, k, None, w, w, pos, inv, eps=1e-6, layer=0, interpret=True)
+        with pytest.raises(ValueError, match="one integer"):
+            nr.qk_norm_rope(
+                q, k, None, w[None], w[None], pos, inv, eps=1e-6, layer=jnp.zeros(2, jnp.int32)
+            )
         with pytest.raises(ValueError, match="k_w"):
             nr.qk_norm_rope(q, k, None, w, None, pos, inv, eps=1e-6, interpret=self.interpret)
         with pytest.raises(ValueError, match="inv_freq"):
