@@ -37,6 +37,7 @@ VARIANTS = {
     "auto-packed": ("auto", "", {"GEMMA4_JAX_PACKED_MATVEC": "0"}),
     "auto-batchq": ("auto", "", {"GEMMA4_JAX_BATCH_QMATMUL": "0"}),
     "auto-stacked": ("auto", "", {"GEMMA4_JAX_STACKED_QMATMUL": "0"}),
+    "auto-rn": ("auto", "", {"GEMMA4_JAX_RESIDUAL_NORM": "0"}),
     "pallas": ("pallas", "", {}),
     "reference+cmdbuf": ("reference", CMDBUF, {}),
     "auto+cmdbuf": ("auto", CMDBUF, {}),

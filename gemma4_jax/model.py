@@ -231,10 +231,10 @@ def layer(
                 q[:, 0], kfull, vfull, ctx["pos"], ring=s.sliding, layer=period
             )[:, None]
         a = ops.matmul(a.reshape(b, t, c.n_heads * s.head_dim), p["attn_output"])
-        h = h + rms_norm(a, p["post_attention_norm"], eps)
+        # h + post-attention norm of a, then the pre-MLP norm: one kernel when decoding.
+        h, y = ops.residual_norm(h, a, p["post_attention_norm"], p["ffn_norm"], eps=eps, dtype=dt)
 
     with jax.named_scope("moe" if s.moe else "mlp"):
-        y = rms_norm(h, p["ffn_norm"], eps).astype(dt)
         y = _mlp(p, y, "ffn_gate", "ffn_up", "ffn_down")
         if s.moe:
             y = rms_norm(y, p["post_ffw_norm_1"], eps).astype(jnp.float32) + _moe(c, p, h, dt)
@@ -387,8 +387,8 @@ def run_cached(
     return h, tuple(cache)
 
 
-# Per-head norm weights [L, D] that the fused norm+RoPE kernel reads in place from the stack.
-_STACKED_NORMS = ("attn_q_norm", "attn_k_norm")
+# Norm weights [L, D] that kernels read in place from the stack (norm+RoPE, residual_norm).
+_STACKED_NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm")
 
 
 def _split_matrices(seg_params, *, rows: int) -> tuple[list[dict], list[dict]]:
@@ -396,8 +396,9 @@ def _split_matrices(seg_params, *, rows: int) -> tuple[list[dict], list[dict]]:
 
     The matrices `ops.keep_stacked` picks stay whole and reach `ops.matmul` as `LayerSlice`s:
     a Pallas matmul needs the stack itself, as a slice before a custom call is a copy of the
-    layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms). So do the q/k head-norm
-    weights, for the norm+RoPE kernel (66 small copies, ~3% of an E4B batch-1 step).
+    layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms). So do the norm weights
+    that kernels read (`_STACKED_NORMS`): sliced, the q/k head norms alone cost 66 small copies,
+    ~3% of an E4B batch-1 step.
     """
     sliced, stacked = [], []
     for slot in seg_params:

@@ -445,5 +445,29 @@ def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
     )
 
 
+def residual_norm(h, a, w_a, w_n, *, eps: float, dtype):
+    """`h + rms_norm(a, w_a)` and the RMSNorm of that with `w_n` in `dtype`: the glue between
+    attention and MLP. Decode rows (h[B, 1, D]) in `pallas` / `auto` mode take one Pallas launch
+    per row instead of XLA's three kernels; the weights may be `LayerSlice`s of stacked `[L, D]`
+    norms, read in place. Otherwise the jnp reference (the model's own arithmetic)."""
+    from pallas_kernels import residual_norm as rn
+
+    decode = h.ndim == 3 and h.shape[1] == 1
+    # GEMMA4_JAX_RESIDUAL_NORM=0: XLA's kernels instead (A/B runs; read at trace time).
+    kernel = os.environ.get("GEMMA4_JAX_RESIDUAL_NORM", "1") != "0"
+    if _pallas() and decode and kernel and _mesh() is None:
+        if isinstance(w_a, LayerSlice):
+            stack_a, stack_n, layer = w_a.stack, w_n.stack, w_a.index
+        else:
+            stack_a, stack_n, layer = w_a[None], w_n[None], 0
+        b, _, d = h.shape
+        h2, x = rn.residual_norm(
+            h.reshape(b, d), a.reshape(b, d), stack_a, stack_n, layer,
+            eps=eps, out_dtype=dtype, interpret=_interpret(),
+        )  # fmt: skip
+        return h2.reshape(h.shape), x.reshape(h.shape)
+    return rn.residual_norm_reference(h, a, _taken(w_a), _taken(w_n), eps=eps, out_dtype=dtype)
+
+
 def _taken(w):
     return w.take() if isinstance(w, LayerSlice) else w

@@ -1,0 +1,137 @@
+"""Residual add of a normed branch + the next RMSNorm, one launch per decode row (Pallas GPU).
+
+Contract: ``residual_norm(h[R, D] f32, a[R, D], w_a[L, D], w_n[L, D], layer, *, eps, out_dtype)
+-> (h2, x)`` with, per row,
+``h2 = h + rms_norm(a, w_a[layer])`` (the norm rounded to ``a.dtype`` before the add, as the
+model's `rms_norm` returns its input's dtype) and ``x = rms_norm(h2, w_n[layer])`` in
+``out_dtype``, where ``rms_norm(x, w) = x * rsqrt(mean(x^2) + eps) * w`` in f32.
+
+Why a kernel for so little arithmetic: in a batch-1 decode step this is the glue between the
+attention output projection and the MLP (post-attention norm, residual add, pre-MLP norm).
+XLA runs it as three kernels of ~1.3-2.9 us (the statistics of ``a``; the add fused with the
+statistics of ``h2``; the normalised row), each a launch whose work is a few KB. Here it is one
+launch: a program per row holds the whole row (D padded to a power of two, masked) and does
+both reductions in registers.
+
+The weights come stacked ``[L, D]`` with ``layer`` (read inside the kernel), so the model's
+layer scan passes them whole: a slice before the call would be a copy per layer and step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+
+__all__ = ["BlockSizes", "residual_norm", "residual_norm_reference"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+    """Launch parameters; ``None`` picks the heuristic (see ``resolve``).
+
+    Attributes:
+      num_warps: Triton warps per program (one program per row).
+    """
+
+    num_warps: int | None = None
+
+    def resolve(self, *, dim: int) -> BlockSizes:
+        # ~8 f32 values per thread and tensor at D = 2560 with 4 warps (D padded to 4096).
+        return BlockSizes(self.num_warps or (4 if dim <= 4096 else 8))
+
+
+def _residual_norm_kernel(layer_ref, h_ref, a_ref, wa_ref, wn_ref, h_out, x_out, *, dim, eps):
+    # layer_ref [] int32 | h_ref [Dp] f32 | a_ref [Dp] | wa_ref, wn_ref [L, Dp] | outs [Dp]
+    dp = h_ref.shape[-1]
+    ok = jnp.arange(dp, dtype=jnp.int32) < dim  # D padded to a power of two
+    layer = layer_ref[()]
+    cols = pl.ds(0, dp)
+    a = _compat.load(a_ref, mask=ok, other=0).astype(jnp.float32)
+    w_a = _compat.load(wa_ref.at[layer, cols], mask=ok, other=0).astype(jnp.float32)
+    w_n = _compat.load(wn_ref.at[layer, cols], mask=ok, other=0).astype(jnp.float32)
+    r = lax.rsqrt(jnp.sum(a * a) / dim + eps)
+    branch = (a * r * w_a).astype(a_ref.dtype).astype(jnp.float32)  # the model rounds here
+    h2 = _compat.load(h_ref, mask=ok, other=0).astype(jnp.float32) + branch
+    _compat.store(h_out, h2.astype(h_out.dtype), mask=ok)
+    r2 = lax.rsqrt(jnp.sum(h2 * h2) / dim + eps)
+    _compat.store(x_out, (h2 * r2 * w_n).astype(x_out.dtype), mask=ok)
+
+
+def _validate(h, a, w_a, w_n, layer):
+    if h.ndim != 2 or a.shape != h.shape:
+        raise ValueError(f"{h.shape=} and {a.shape=} must be equal and [R, D]")
+    if h.dtype != jnp.float32:
+        raise ValueError(f"{h.dtype=} must be float32 (the residual stream)")
+    d = h.shape[1]
+    for name, w in (("w_a", w_a), ("w_n", w_n)):
+        if w.ndim != 2 or w.shape[1] != d:
+            raise ValueError(f"{name}.shape={w.shape} must be [L, {d}]")
+    if w_a.shape != w_n.shape:
+        raise ValueError(f"{w_a.shape=} must equal {w_n.shape=}")
+    if jnp.size(layer) != 1 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+        raise ValueError(f"{jnp.shape(layer)=} must be one integer (shape () or (1,))")
+
+
+@functools.partial(jax.jit, static_argnames=["eps", "out_dtype", "interpret", "block_sizes"])
+def residual_norm(
+    h: jax.Array,  # [R, D] f32
+    a: jax.Array,  # [R, D]
+    w_a: jax.Array,  # [L, D]
+    w_n: jax.Array,  # [L, D]
+    layer: jax.Array | int,  # [] or [1] int: the row of the stacked weights
+    *,
+    eps: float,
+    out_dtype,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(h + rms_norm(a, w_a[layer]), rms_norm(that, w_n[layer]))``; see the module doc."""
+    _validate(h, a, w_a, w_n, layer)
+    rows, dim = h.shape
+    dp = _compat.next_pow2(dim)
+    bs = (block_sizes or BlockSizes()).resolve(dim=dim)
+    # Clamped like jnp's w[layer], so a bad index can never read outside the stack on the GPU.
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(1), 0, w_a.shape[0] - 1)
+    row = pl.BlockSpec((None, dp), lambda i: (i, 0))
+    stack = pl.BlockSpec((w_a.shape[0], dp), lambda i: (0, 0))
+    return pl.pallas_call(
+        functools.partial(_residual_norm_kernel, dim=dim, eps=float(eps)),
+        grid=(rows,),
+        in_specs=[pl.BlockSpec((None,), lambda i: (0,)), row, row, stack, stack],
+        out_specs=[row, row],
+        out_shape=[
+            jax.ShapeDtypeStruct(h.shape, jnp.float32),
+            jax.ShapeDtypeStruct(h.shape, out_dtype),
+        ],
+        compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=1),
+        interpret=interpret,
+        name="residual_norm",
+    )(layer, h, a, w_a, w_n)
+
+
+def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """The model's RMSNorm: f32 math, result in x's dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def residual_norm_reference(
+    h: jax.Array,  # [..., D] f32
+    a: jax.Array,  # [..., D]
+    w_a: jax.Array,  # [D]
+    w_n: jax.Array,  # [D]
+    *,
+    eps: float,
+    out_dtype,
+) -> tuple[jax.Array, jax.Array]:
+    """jnp: exactly the model's `h + rms_norm(a, w_a)` then `rms_norm(h, w_n).astype(...)`."""
+    h2 = h + _rms_norm(a, w_a, eps)
+    return h2, _rms_norm(h2, w_n, eps).astype(out_dtype)

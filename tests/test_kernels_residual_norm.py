@@ -1,0 +1,94 @@
+"""pallas_kernels/residual_norm.py against its jnp reference (the model's own arithmetic).
+
+Interpret mode on the CPU (CI); the same cases compiled on a GPU (`-m gpu`). Fresh random rows
+every case; widths that are not powers of two (the kernel pads D and masks); stacked weights
+read at every layer index, traced as inside the model's layer scan.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import residual_norm as rn
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+# (rows, D, stacked layers, branch dtype, seed)
+CASES = [
+    (1, 2560, 4, BF16, 1),
+    (3, 640, 1, F32, 2),
+    (32, 1536, 3, BF16, 3),
+    (2, 96, 2, F32, 4),
+]
+
+
+def _has_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+def _inputs(rows, d, n_layers, dtype, seed):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    h = 4.0 * jax.random.normal(ks[0], (rows, d), F32)
+    a = (0.3 * jax.random.normal(ks[1], (rows, d), F32)).astype(dtype)
+    w_a = 1.0 + 0.5 * jax.random.normal(ks[2], (n_layers, d), F32)
+    w_n = 1.0 + 0.5 * jax.random.normal(ks[3], (n_layers, d), F32)
+    return h, a, w_a, w_n
+
+
+class TestResidualNorm:
+    interpret = True
+
+    @pytest.mark.parametrize("rows,d,n_layers,dtype,seed", CASES)
+    def test_matches_reference_at_every_layer(self, rows, d, n_layers, dtype, seed):
+        h, a, w_a, w_n = _inputs(rows, d, n_layers, dtype, seed)
+        run = jax.jit(
+            lambda layer: rn.residual_norm(
+                h, a, w_a, w_n, layer, eps=1e-6, out_dtype=dtype, interpret=self.interpret
+            )
+        )
+        for layer in range(n_layers):
+            h2, x = run(jnp.int32(layer))
+            ref_h, ref_x = rn.residual_norm_reference(
+                h, a, w_a[layer], w_n[layer], eps=1e-6, out_dtype=dtype
+            )
+            assert h2.dtype == F32 and x.dtype == dtype and x.shape == (rows, d)
+            # h2 differs from the reference only where the branch's rounding to `dtype` flips
+            # (the kernel's sum of squares runs in another order): about one ulp of |h2|.
+            ulp = 2.0**-8 if dtype == BF16 else 2.0**-23
+            atol = 2 * ulp * float(jnp.abs(ref_h).max())
+            np.testing.assert_allclose(np.asarray(h2), np.asarray(ref_h), rtol=0, atol=atol)
+            if dtype == BF16:  # rounding the branch to bf16 absorbs r's last-bit differences
+                assert np.mean(np.asarray(h2) != np.asarray(ref_h)) < 0.05
+            tol = 1e-2 if dtype == BF16 else 2e-6
+            np.testing.assert_allclose(
+                np.asarray(x.astype(F32)), np.asarray(ref_x.astype(F32)), rtol=tol, atol=tol
+            )
+
+    def test_layer_index_is_clamped(self):
+        h, a, w_a, w_n = _inputs(1, 128, 2, F32, 5)
+        got = rn.residual_norm(h, a, w_a, w_n, 7, eps=1e-6, out_dtype=F32, interpret=True)
+        want = rn.residual_norm(h, a, w_a, w_n, 1, eps=1e-6, out_dtype=F32, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+    def test_validation(self):
+        h, a, w_a, w_n = _inputs(2, 64, 2, F32, 6)
+        kw = dict(eps=1e-6, out_dtype=F32, interpret=True)
+        with pytest.raises(ValueError, match="float32"):
+            rn.residual_norm(h.astype(BF16), a, w_a, w_n, 0, **kw)
+        with pytest.raises(ValueError, match="w_a"):
+            rn.residual_norm(h, a, w_a[0], w_n, 0, **kw)
+        with pytest.raises(ValueError, match="equal"):
+            rn.residual_norm(h, a[:, :32], w_a, w_n, 0, **kw)
+        with pytest.raises(ValueError, match="one integer"):
+            rn.residual_norm(h, a, w_a, w_n, jnp.zeros(2, jnp.int32), **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU (compiled Pallas kernels)")
+class TestResidualNormGpu(TestResidualNorm):
+    interpret = False
