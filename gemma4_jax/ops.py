@@ -1,18 +1,19 @@
 """The one dispatch point between the model and its kernels.
 
-The model calls `matmul`, `expert_matmul`, `flash_attention`, `decode_attention` and
-`qk_norm_rope`; each runs either the pure-jnp reference or a Pallas kernel, chosen by
-`GEMMA4_JAX_KERNELS` = `reference` | `pallas` | `auto` (default: `auto` on GPU, `reference`
-on CPU; `pallas` on CPU runs the kernels in interpret mode; `auto` uses the Pallas attention
-and norm+RoPE kernels, the grouped expert kernel for MoE prefill and the quantized matmul
+The model calls `matmul`, `expert_matmul`, `flash_attention`, `decode_attention`,
+`qk_norm_rope` and `residual_norm`; each runs either the pure-jnp reference or a Pallas kernel,
+chosen by `GEMMA4_JAX_KERNELS` = `reference` | `pallas` | `auto` (default: `auto` on GPU,
+`reference` on CPU; `pallas` on CPU runs the kernels in interpret mode; `auto` uses the Pallas
+attention, norm+RoPE and (decode rows) residual+norm kernels, the grouped expert kernel for MoE
+prefill and the quantized matmul
 kernel for batched decode (8-64 rows), and XLA for the other matmuls: batch-1 ones as
 reductions over the packed bytes (matvec.py), prefill as dequantize+dot). The mode is read when a
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
 takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL, GEMMA4_JAX_PACKED_MATVEC,
-GEMMA4_JAX_STACKED_QMATMUL; for A/B runs) are also read at trace time but are NOT part of any
-cache key: set them before the first call, or call
-`jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
+GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM; for A/B runs) are also read at trace time
+but are NOT part of any cache key: set them before the first call, or call `jax.clear_caches()`
+and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
 Meshes (see `sharding.py`): the jnp reference path is partitioned by XLA from the shardings of
 its inputs. A Pallas call is opaque to XLA's partitioner (it would gather its operands and run
