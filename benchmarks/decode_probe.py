@@ -38,6 +38,7 @@ VARIANTS = {
     "auto-batchq": ("auto", "", {"GEMMA4_JAX_BATCH_QMATMUL": "0"}),
     "auto-stacked": ("auto", "", {"GEMMA4_JAX_STACKED_QMATMUL": "0"}),
     "auto-rn": ("auto", "", {"GEMMA4_JAX_RESIDUAL_NORM": "0"}),
+    "auto-le": ("auto", "", {"GEMMA4_JAX_FUSE_LAYER_END": "0"}),
     "pallas": ("pallas", "", {}),
     "reference+cmdbuf": ("reference", CMDBUF, {}),
     "auto+cmdbuf": ("auto", CMDBUF, {}),

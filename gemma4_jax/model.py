@@ -36,7 +36,7 @@ def rms_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     if w is not None:
-        y = y * w.astype(jnp.float32)
+        y = y * ops.taken(w).astype(jnp.float32)  # w may be a stacked weight's LayerSlice
     return y.astype(x.dtype)
 
 
@@ -193,18 +193,25 @@ def layer(
     inv_freq: jax.Array,
     ctx: dict[str, Any],
 ):
-    """One decoder layer. Returns (h, kv) where kv is this layer's new (k, v) or None.
+    """One decoder layer. Returns (h, kv, x_next): kv is this layer's new (k, v) or None.
 
     ctx["mode"] == "sequence": h[B,T,D] at positions 0..T-1; ctx["donor_seq"] maps donor layer ->
     (k, v) over the same chunk. ctx["mode"] == "cache": h[B,1,D] at ctx["pos"][B];
     ctx["cache"] = (k, v, period): the segment's stacked caches [n,B,S,K,d] and this layer's
     period (own K/V layers write the new token there first and return the updated stacks);
     ctx["donor_cache"] maps donor layer -> (k, v, period): its segment's stacked caches.
+
+    Layer-end fusion (cache mode, `ops.fuse_layer_end`): ctx["x"] is this layer's attention
+    input already normalised by the previous layer, and ctx["next_attn_norm"] the next layer's
+    attention-norm weight; the layer then ends with one `ops.residual_norm` (last residual add,
+    layer scale, next norm) and returns that normalised row as `x_next` (else None).
     """
     eps, dt = c.rms_eps, ctx["dtype"]
     b, t, _ = h.shape
     with jax.named_scope(f"attn_{'sliding' if s.sliding else 'global'}"):
-        x = rms_norm(h, p["attn_norm"], eps).astype(dt)
+        x = ctx.get("x")
+        if x is None:
+            x = rms_norm(h, p["attn_norm"], eps).astype(dt)
         if ctx["mode"] == "sequence":
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         else:
@@ -238,14 +245,25 @@ def layer(
         y = _mlp(p, y, "ffn_gate", "ffn_up", "ffn_down")
         if s.moe:
             y = rms_norm(y, p["post_ffw_norm_1"], eps).astype(jnp.float32) + _moe(c, p, h, dt)
-        h = h + rms_norm(y, p["post_ffw_norm"], eps)
+        # The layer's last branch and its post-norm weight (added below, or after the PLE).
+        branch, branch_norm = y, p["post_ffw_norm"]
 
     if ple is not None:
         with jax.named_scope("ple"):
+            h = h + rms_norm(branch, branch_norm, eps)
             g = gelu(ops.matmul(h.astype(dt), p["ple_gate"])) * ple.astype(dt)
-            h = h + rms_norm(ops.matmul(g, p["ple_proj"]), p["ple_post_norm"], eps)
-    h = h * p["layer_output_scale"].astype(h.dtype)
-    return h, new
+            branch, branch_norm = ops.matmul(g, p["ple_proj"]), p["ple_post_norm"]
+
+    scale = p["layer_output_scale"]
+    if ctx.get("next_attn_norm") is not None:
+        # h + the branch's post-norm, times the layer scale, and the next layer's attention
+        # norm: one launch per decode row instead of XLA's three or four.
+        h, x_next = ops.residual_norm(
+            h, branch, branch_norm, ctx["next_attn_norm"], eps=eps, dtype=dt, scale=scale
+        )
+        return h, new, x_next
+    h = (h + rms_norm(branch, branch_norm, eps)) * scale.astype(h.dtype)
+    return h, new, None
 
 
 # ---------------------------------------------------------------------------- the trunk
@@ -307,7 +325,7 @@ def run_sequence(
             outs, hs = [], []
             for j, s in enumerate(seg.slots):
                 ctx = {"mode": "sequence", "donor_seq": donor_seq, "dtype": params.compute_dtype}
-                h, kv = layer(
+                h, kv, _ = layer(
                     c, s, lp[j], h, None if lple is None else lple[j], _inv_freq(params, s), ctx
                 )
                 if not emit[j]:
@@ -346,17 +364,30 @@ def run_cached(
 
     `cache` is the full per-segment cache tuple; own-K/V segments write the new token (when
     `write`); KV-shared ones read their donors' caches. Returns (h, new cache tuple).
+
+    With `ops.fuse_layer_end`, the scan also carries the next layer's normalised input `x`:
+    each layer ends with the next one's attention norm (see `layer`), the next slot's weight,
+    or slot 0's at the next period. A segment's first `x` is normed before its scan; the last
+    layer's `x` (normed with a clamped index) is dropped.
     """
     c = params.config
     segs = segments(c)
     cache = list(cache)
+    fuse = ops.fuse_layer_end(h)
+    dt = params.compute_dtype
     for si in seg_ids:
         seg = segs[si]
-        sliced, stacked = _split_matrices(params.segments[si], rows=h.shape[0] * h.shape[1])
+        norms = _STACKED_NORMS
+        if fuse:
+            norms += _LAYER_END_NORMS
+        sliced, stacked = _split_matrices(
+            params.segments[si], rows=h.shape[0] * h.shape[1], norms=norms
+        )
         donor_cache = _donor_caches(c, seg, cache)
+        n_slots = len(seg.slots)
 
-        def body(carry, xs, seg=seg, donor_cache=donor_cache, stacked=stacked):
-            h, seg_cache = carry
+        def body(carry, xs, seg=seg, donor_cache=donor_cache, stacked=stacked, n_slots=n_slots):
+            h, x, seg_cache = carry
             lp, lple, period = xs
             lp = [
                 {**small, **{k: ops.LayerSlice(w, period) for k, w in mats.items()}}
@@ -364,24 +395,26 @@ def run_cached(
             ]
             new_slots = list(seg_cache)
             for j, s in enumerate(seg.slots):
-                ctx = {
-                    "mode": "cache",
-                    "pos": pos,
-                    "donor_cache": donor_cache,
-                    "dtype": params.compute_dtype,
-                }
+                ctx = {"mode": "cache", "pos": pos, "donor_cache": donor_cache, "dtype": dt}
                 if s.has_kv:
                     ctx["cache"] = (new_slots[j]["k"], new_slots[j]["v"], period)
-                h, kv = layer(
+                if fuse:
+                    nj = (j + 1) % n_slots
+                    ctx["x"] = x
+                    ctx["next_attn_norm"] = ops.LayerSlice(
+                        stacked[nj]["attn_norm"], period + (1 if nj == 0 else 0)
+                    )
+                h, kv, x = layer(
                     c, s, lp[j], h, None if lple is None else lple[j], _inv_freq(params, s), ctx
                 )
                 if s.has_kv and write:
                     new_slots[j] = {"k": kv[0], "v": kv[1]}
-            return (h, tuple(new_slots)), None
+            return (h, x, tuple(new_slots)), None
 
         seg_cache = cache[si] if cache[si] is not None else tuple(None for _ in seg.slots)
         xs = (sliced, _segment_ple(c, seg, ple), jnp.arange(seg.n_periods))
-        (h, seg_cache), _ = jax.lax.scan(body, (h, seg_cache), xs)
+        x0 = rms_norm(h, stacked[0]["attn_norm"][0], c.rms_eps).astype(dt) if fuse else None
+        (h, _, seg_cache), _ = jax.lax.scan(body, (h, x0, seg_cache), xs)
         if seg.has_kv:
             cache[si] = seg_cache
     return h, tuple(cache)
@@ -389,15 +422,17 @@ def run_cached(
 
 # Norm weights [L, D] that kernels read in place from the stack (norm+RoPE, residual_norm).
 _STACKED_NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm")
+# ... and those the layer-end `residual_norm` reads (`ops.fuse_layer_end`).
+_LAYER_END_NORMS = ("attn_norm", "post_ffw_norm", "ple_post_norm", "layer_output_scale")
 
 
-def _split_matrices(seg_params, *, rows: int) -> tuple[list[dict], list[dict]]:
+def _split_matrices(seg_params, *, rows: int, norms=_STACKED_NORMS) -> tuple[list, list]:
     """Per slot: (what the scan slices per layer, the weights handed over stacked).
 
     The matrices `ops.keep_stacked` picks stay whole and reach `ops.matmul` as `LayerSlice`s:
     a Pallas matmul needs the stack itself, as a slice before a custom call is a copy of the
     layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms). So do the norm weights
-    that kernels read (`_STACKED_NORMS`): sliced, the q/k head norms alone cost 66 small copies,
+    that kernels read (`norms`): sliced, the q/k head norms alone cost 66 small copies,
     ~3% of an E4B batch-1 step.
     """
     sliced, stacked = [], []
@@ -406,7 +441,7 @@ def _split_matrices(seg_params, *, rows: int) -> tuple[list[dict], list[dict]]:
             k: w
             for k, w in slot.items()
             if (isinstance(w, quant.QTensor) and w.ndim == 3 and ops.keep_stacked(w, rows))
-            or (k in _STACKED_NORMS and ops.stacked_weights())
+            or (k in norms and ops.stacked_weights())
         }
         sliced.append({k: w for k, w in slot.items() if k not in mats})
         stacked.append(mats)

@@ -11,9 +11,9 @@ reductions over the packed bytes (matvec.py), prefill as dequantize+dot). The mo
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
 takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL, GEMMA4_JAX_PACKED_MATVEC,
-GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM; for A/B runs) are also read at trace time
-but are NOT part of any cache key: set them before the first call, or call `jax.clear_caches()`
-and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
+GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM, GEMMA4_JAX_FUSE_LAYER_END; for A/B runs)
+are also read at trace time but are NOT part of any cache key: set them before the first call,
+or call `jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
 Meshes (see `sharding.py`): the jnp reference path is partitioned by XLA from the shardings of
 its inputs. A Pallas call is opaque to XLA's partitioner (it would gather its operands and run
@@ -427,7 +427,7 @@ def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
             return nr.qk_norm_rope(
                 q, k, v, q_w, k_w, positions, inv_freq, eps=eps, interpret=_interpret()
             )
-        q_w, k_w = _taken(q_w), _taken(k_w)
+        q_w, k_w = taken(q_w), taken(k_w)
         # Per row and head: rows on "data", whole q heads and (separately) kv heads on "model".
         b = _split(mesh, "data", q.shape[0])
         heads = lambda x: None if x is None else P(b, None, _split(mesh, "model", x.shape[2]), None)
@@ -441,34 +441,53 @@ def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
             specs,
         )
         return call(q, k, v, q_w, k_w, positions, inv_freq)
-    return nr.qk_norm_rope_reference(
-        q, k, v, _taken(q_w), _taken(k_w), positions, inv_freq, eps=eps
-    )
+    return nr.qk_norm_rope_reference(q, k, v, taken(q_w), taken(k_w), positions, inv_freq, eps=eps)
 
 
-def residual_norm(h, a, w_a, w_n, *, eps: float, dtype):
-    """`h + rms_norm(a, w_a)` and the RMSNorm of that with `w_n` in `dtype`: the glue between
-    attention and MLP. Decode rows (h[B, 1, D]) in `pallas` / `auto` mode take one Pallas launch
-    per row instead of XLA's three kernels; the weights may be `LayerSlice`s of stacked `[L, D]`
-    norms, read in place. Otherwise the jnp reference (the model's own arithmetic)."""
+def residual_norm_kernel(h) -> bool:
+    """Whether `residual_norm` of residual rows `h` runs the Pallas kernel: decode rows
+    (h[B, 1, D]) in `pallas` / `auto` mode, no mesh, GEMMA4_JAX_RESIDUAL_NORM not 0 (an A/B
+    switch: XLA's kernels instead; read at trace time)."""
+    decode = h.ndim == 3 and h.shape[1] == 1
+    on = os.environ.get("GEMMA4_JAX_RESIDUAL_NORM", "1") != "0"
+    return _pallas() and decode and on and _mesh() is None
+
+
+def fuse_layer_end(h) -> bool:
+    """Whether the cache-mode layer scan ends each layer with `residual_norm` (last residual
+    add, layer scale and the NEXT layer's attention norm in one launch) and carries the
+    normalised row: when `residual_norm_kernel(h)`, the norm weights can stay stacked
+    (`stacked_weights`), and GEMMA4_JAX_FUSE_LAYER_END is not 0 (an A/B switch; trace time)."""
+    on = os.environ.get("GEMMA4_JAX_FUSE_LAYER_END", "1") != "0"
+    return on and stacked_weights() and residual_norm_kernel(h)
+
+
+def residual_norm(h, a, w_a, w_n, *, eps: float, dtype, scale=None):
+    """`(h + rms_norm(a, w_a)) * scale` (no scale: 1) and the RMSNorm of that with `w_n` in
+    `dtype`: the glue between attention and MLP, or between one layer and the next. Weights
+    may be `LayerSlice`s of stacked norms (`w_n` possibly of another stack), read in place by
+    the kernel (see `residual_norm_kernel`); otherwise the jnp reference (the model's own
+    arithmetic)."""
     from pallas_kernels import residual_norm as rn
 
-    decode = h.ndim == 3 and h.shape[1] == 1
-    # GEMMA4_JAX_RESIDUAL_NORM=0: XLA's kernels instead (A/B runs; read at trace time).
-    kernel = os.environ.get("GEMMA4_JAX_RESIDUAL_NORM", "1") != "0"
-    if _pallas() and decode and kernel and _mesh() is None:
-        if isinstance(w_a, LayerSlice):
-            stack_a, stack_n, layer = w_a.stack, w_n.stack, w_a.index
-        else:
-            stack_a, stack_n, layer = w_a[None], w_n[None], 0
+    if residual_norm_kernel(h):
+        a_stack, layer = (w_a.stack, w_a.index) if isinstance(w_a, LayerSlice) else (w_a[None], 0)
+        n_stack, nxt = (w_n.stack, w_n.index) if isinstance(w_n, LayerSlice) else (w_n[None], 0)
+        if scale is not None:
+            s = scale.stack if isinstance(scale, LayerSlice) else scale[None]
+            scale = s.reshape(a_stack.shape[0])  # [L, 1] per-layer scalars -> [L]
         b, _, d = h.shape
         h2, x = rn.residual_norm(
-            h.reshape(b, d), a.reshape(b, d), stack_a, stack_n, layer,
-            eps=eps, out_dtype=dtype, interpret=_interpret(),
+            h.reshape(b, d), a.reshape(b, d), a_stack, n_stack, layer, layer_next=nxt,
+            scale=scale, eps=eps, out_dtype=dtype, interpret=_interpret(),
         )  # fmt: skip
         return h2.reshape(h.shape), x.reshape(h.shape)
-    return rn.residual_norm_reference(h, a, _taken(w_a), _taken(w_n), eps=eps, out_dtype=dtype)
+    return rn.residual_norm_reference(
+        h, a, taken(w_a), taken(w_n), eps=eps, out_dtype=dtype,
+        scale=None if scale is None else taken(scale),
+    )  # fmt: skip
 
 
-def _taken(w):
+def taken(w):
+    """A `LayerSlice` sliced (XLA fuses the dynamic slice into its consumer); else `w`."""
     return w.take() if isinstance(w, LayerSlice) else w

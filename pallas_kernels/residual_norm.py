@@ -1,13 +1,16 @@
 """Residual add of a normed branch + the next RMSNorm, one launch per decode row (Pallas GPU).
 
-Contract: ``residual_norm(h[R, D] f32, a[R, D], w_a[L, D], w_n[L, D], layer, *, eps, out_dtype)
--> (h2, x)`` with, per row,
-``h2 = h + rms_norm(a, w_a[layer])`` (the norm rounded to ``a.dtype`` before the add, as the
-model's `rms_norm` returns its input's dtype) and ``x = rms_norm(h2, w_n[layer])`` in
-``out_dtype``, where ``rms_norm(x, w) = x * rsqrt(mean(x^2) + eps) * w`` in f32.
+Contract: ``residual_norm(h[R, D] f32, a[R, D], w_a[L, D], w_n[L, D], layer, *, eps, out_dtype,
+scale=None | [L]) -> (h2, x)`` with, per row,
+``h2 = (h + rms_norm(a, w_a[layer])) * scale[layer]`` (the norm rounded to ``a.dtype`` before
+the add, as the model's `rms_norm` returns its input's dtype; no scale: 1) and
+``x = rms_norm(h2, w_n[layer_n])`` in ``out_dtype``, where ``rms_norm(x, w) = x * rsqrt(mean(x^2)
++ eps) * w`` in f32 and ``layer_n`` is ``layer_next`` if given, else ``layer``.
 
 Why a kernel for so little arithmetic: in a batch-1 decode step this is the glue between the
-attention output projection and the MLP (post-attention norm, residual add, pre-MLP norm).
+attention output projection and the MLP (post-attention norm, residual add, pre-MLP norm), and
+between one layer and the next (the last post-norm, residual add, layer scale, and the next
+layer's attention norm, whose weight may sit in another stack: ``w_n`` and ``layer_next``).
 XLA runs it as three kernels of ~1.3-2.9 us (the statistics of ``a``; the add fused with the
 statistics of ``h2``; the normalised row), each a launch whose work is a few KB. Here it is one
 launch: a program per row holds the whole row (D padded to a power of two, masked) and does
@@ -47,24 +50,28 @@ class BlockSizes:
         return BlockSizes(self.num_warps or (4 if dim <= 4096 else 8))
 
 
-def _residual_norm_kernel(layer_ref, h_ref, a_ref, wa_ref, wn_ref, h_out, x_out, *, dim, eps):
-    # layer_ref [] int32 | h_ref [Dp] f32 | a_ref [Dp] | wa_ref, wn_ref [L, Dp] | outs [Dp]
+def _residual_norm_kernel(
+    layer_ref, next_ref, h_ref, a_ref, wa_ref, wn_ref, s_ref, h_out, x_out, *, dim, eps
+):
+    # layer_ref, next_ref [] int32 | h_ref [Dp] f32 | a_ref [Dp] | wa_ref [L, Dp] |
+    # wn_ref [Ln, Dp] | s_ref [L] f32 | outs [Dp]
     dp = h_ref.shape[-1]
     ok = jnp.arange(dp, dtype=jnp.int32) < dim  # D padded to a power of two
-    layer = layer_ref[()]
+    layer, nxt = layer_ref[()], next_ref[()]
     cols = pl.ds(0, dp)
     a = _compat.load(a_ref, mask=ok, other=0).astype(jnp.float32)
     w_a = _compat.load(wa_ref.at[layer, cols], mask=ok, other=0).astype(jnp.float32)
-    w_n = _compat.load(wn_ref.at[layer, cols], mask=ok, other=0).astype(jnp.float32)
+    w_n = _compat.load(wn_ref.at[nxt, cols], mask=ok, other=0).astype(jnp.float32)
+    scale = _compat.load(s_ref.at[pl.ds(layer, 1)]).astype(jnp.float32)  # [1]
     r = lax.rsqrt(jnp.sum(a * a) / dim + eps)
     branch = (a * r * w_a).astype(a_ref.dtype).astype(jnp.float32)  # the model rounds here
-    h2 = _compat.load(h_ref, mask=ok, other=0).astype(jnp.float32) + branch
+    h2 = (_compat.load(h_ref, mask=ok, other=0).astype(jnp.float32) + branch) * scale
     _compat.store(h_out, h2.astype(h_out.dtype), mask=ok)
     r2 = lax.rsqrt(jnp.sum(h2 * h2) / dim + eps)
     _compat.store(x_out, (h2 * r2 * w_n).astype(x_out.dtype), mask=ok)
 
 
-def _validate(h, a, w_a, w_n, layer):
+def _validate(h, a, w_a, w_n, layer, layer_next, scale):
     if h.ndim != 2 or a.shape != h.shape:
         raise ValueError(f"{h.shape=} and {a.shape=} must be equal and [R, D]")
     if h.dtype != jnp.float32:
@@ -73,10 +80,15 @@ def _validate(h, a, w_a, w_n, layer):
     for name, w in (("w_a", w_a), ("w_n", w_n)):
         if w.ndim != 2 or w.shape[1] != d:
             raise ValueError(f"{name}.shape={w.shape} must be [L, {d}]")
-    if w_a.shape != w_n.shape:
-        raise ValueError(f"{w_a.shape=} must equal {w_n.shape=}")
-    if jnp.size(layer) != 1 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
-        raise ValueError(f"{jnp.shape(layer)=} must be one integer (shape () or (1,))")
+    if layer_next is None and w_a.shape != w_n.shape:
+        raise ValueError(f"{w_a.shape=} must equal {w_n.shape=} (or give layer_next)")
+    if scale is not None and scale.shape != (w_a.shape[0],):
+        raise ValueError(f"{scale.shape=} must be ({w_a.shape[0]},): one per stacked layer")
+    for name, i in (("layer", layer), ("layer_next", layer_next)):
+        if i is None and name == "layer_next":
+            continue
+        if jnp.size(i) != 1 or not jnp.issubdtype(jnp.result_type(i), jnp.integer):
+            raise ValueError(f"{name}: shape {jnp.shape(i)} must be one integer (() or (1,))")
 
 
 @functools.partial(jax.jit, static_argnames=["eps", "out_dtype", "interpret", "block_sizes"])
@@ -89,22 +101,38 @@ def residual_norm(
     *,
     eps: float,
     out_dtype,
+    scale: jax.Array | None = None,  # [L]: h2's factor per stacked layer (None: 1)
+    layer_next: jax.Array | int | None = None,  # the row of w_n (None: `layer`)
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(h + rms_norm(a, w_a[layer]), rms_norm(that, w_n[layer]))``; see the module doc."""
-    _validate(h, a, w_a, w_n, layer)
+    """``((h + rms_norm(a, w_a[layer])) * scale[layer], rms_norm(that, w_n[layer_next]))``;
+    see the module doc."""
+    _validate(h, a, w_a, w_n, layer, layer_next, scale)
     rows, dim = h.shape
     dp = _compat.next_pow2(dim)
     bs = (block_sizes or BlockSizes()).resolve(dim=dim)
+    n_a, n_n = w_a.shape[0], w_n.shape[0]
+    if scale is None:
+        scale = jnp.ones((n_a,), jnp.float32)
     # Clamped like jnp's w[layer], so a bad index can never read outside the stack on the GPU.
-    layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(1), 0, w_a.shape[0] - 1)
+    layer_next = layer if layer_next is None else layer_next
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(1), 0, n_a - 1)
+    layer_next = jnp.clip(jnp.asarray(layer_next, jnp.int32).reshape(1), 0, n_n - 1)
     row = pl.BlockSpec((None, dp), lambda i: (i, 0))
-    stack = pl.BlockSpec((w_a.shape[0], dp), lambda i: (0, 0))
+    index = pl.BlockSpec((None,), lambda i: (0,))
     return pl.pallas_call(
         functools.partial(_residual_norm_kernel, dim=dim, eps=float(eps)),
         grid=(rows,),
-        in_specs=[pl.BlockSpec((None,), lambda i: (0,)), row, row, stack, stack],
+        in_specs=[
+            index,
+            index,
+            row,
+            row,
+            pl.BlockSpec((n_a, dp), lambda i: (0, 0)),
+            pl.BlockSpec((n_n, dp), lambda i: (0, 0)),
+            pl.BlockSpec((n_a,), lambda i: (0,)),
+        ],
         out_specs=[row, row],
         out_shape=[
             jax.ShapeDtypeStruct(h.shape, jnp.float32),
@@ -113,7 +141,7 @@ def residual_norm(
         compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=1),
         interpret=interpret,
         name="residual_norm",
-    )(layer, h, a, w_a, w_n)
+    )(layer, layer_next, h, a, w_a, w_n, scale.astype(jnp.float32))
 
 
 def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -131,7 +159,11 @@ def residual_norm_reference(
     *,
     eps: float,
     out_dtype,
+    scale: jax.Array | None = None,  # [] or [1]
 ) -> tuple[jax.Array, jax.Array]:
-    """jnp: exactly the model's `h + rms_norm(a, w_a)` then `rms_norm(h, w_n).astype(...)`."""
+    """jnp: exactly the model's `h + rms_norm(a, w_a)` (times `scale`) then
+    `rms_norm(h, w_n).astype(...)`."""
     h2 = h + _rms_norm(a, w_a, eps)
+    if scale is not None:
+        h2 = h2 * scale.astype(h2.dtype)
     return h2, _rms_norm(h2, w_n, eps).astype(out_dtype)

@@ -106,7 +106,7 @@ def test_hidden_layers_are_in_layer_order(tiny):
         spec = seg.slots[i]
         p = jax.tree.map(lambda a: a[0], params.segments[0][i])  # period 0 of slot i
         ctx = {"mode": "sequence", "donor_seq": {}, "dtype": params.compute_dtype}
-        h, _ = layer(c, spec, p, h, ple[:, :, i], _inv_freq(params, spec), ctx)
+        h, _, _ = layer(c, spec, p, h, ple[:, :, i], _inv_freq(params, spec), ctx)
         np.testing.assert_allclose(np.asarray(hidden[i]), np.asarray(h), rtol=1e-5, atol=1e-5)
 
 

@@ -69,6 +69,29 @@ class TestResidualNorm:
                 np.asarray(x.astype(F32)), np.asarray(ref_x.astype(F32)), rtol=tol, atol=tol
             )
 
+    def test_scale_and_next_layer_norm_from_another_stack(self):
+        # The layer-end use: (h + norm(a)) * scale[layer], then the NEXT layer's attention
+        # norm, whose weight is row `layer_next` of another stack (here of 4 rows vs 3).
+        h, a, w_a, _ = _inputs(2, 640, 3, BF16, 7)
+        w_next = 1.0 + 0.5 * jax.random.normal(jax.random.PRNGKey(8), (4, 640), F32)
+        scale = jnp.asarray([0.5, 1.25, 2.0], F32)
+        run = jax.jit(
+            lambda layer, nxt: rn.residual_norm(
+                h, a, w_a, w_next, layer, eps=1e-6, out_dtype=BF16, scale=scale,
+                layer_next=nxt, interpret=self.interpret,
+            )
+        )  # fmt: skip
+        for layer, nxt in ((0, 1), (2, 3), (1, 0)):
+            h2, x = run(jnp.int32(layer), jnp.int32(nxt))
+            ref_h, ref_x = rn.residual_norm_reference(
+                h, a, w_a[layer], w_next[nxt], eps=1e-6, out_dtype=BF16, scale=scale[layer]
+            )
+            atol = 2 * 2.0**-8 * float(jnp.abs(ref_h).max())
+            np.testing.assert_allclose(np.asarray(h2), np.asarray(ref_h), rtol=0, atol=atol)
+            np.testing.assert_allclose(
+                np.asarray(x.astype(F32)), np.asarray(ref_x.astype(F32)), rtol=1e-2, atol=1e-2
+            )
+
     def test_layer_index_is_clamped(self):
         h, a, w_a, w_n = _inputs(1, 128, 2, F32, 5)
         got = rn.residual_norm(h, a, w_a, w_n, 7, eps=1e-6, out_dtype=F32, interpret=True)
@@ -86,6 +109,10 @@ class TestResidualNorm:
             rn.residual_norm(h, a[:, :32], w_a, w_n, 0, **kw)
         with pytest.raises(ValueError, match="one integer"):
             rn.residual_norm(h, a, w_a, w_n, jnp.zeros(2, jnp.int32), **kw)
+        with pytest.raises(ValueError, match="layer_next"):
+            rn.residual_norm(h, a, w_a, w_n[:1], 0, **kw)
+        with pytest.raises(ValueError, match="one per stacked layer"):
+            rn.residual_norm(h, a, w_a, w_n, 0, scale=jnp.ones(3), **kw)
 
 
 @pytest.mark.gpu

@@ -74,3 +74,44 @@ def test_decode_reads_stacked_weights(fixtures_dir, monkeypatch, file, batch, mo
     assert calls, f"decode did not reach {kernel}"
     for row in out.tokens:
         np.testing.assert_array_equal(row, ref["greedy_0"][:4])
+
+
+@pytest.mark.parametrize(("name", "file"), CASES[:2])
+def test_layer_end_fusion_matches_the_unfused_step(fixtures_dir, monkeypatch, name, file):
+    # ops.fuse_layer_end: each decode layer ends with residual_norm (last residual add, layer
+    # scale, the NEXT layer's attention norm) and the scan carries the normalised row across
+    # slots, periods and segments. Its decode logits must equal the unfused step's (same
+    # kernels otherwise), and it must run one residual_norm per layer more.
+    import jax
+
+    from pallas_kernels import residual_norm as rn
+
+    model, ref = load_fixture(fixtures_dir, name, file)
+    params, prompt = model.params, ref["prompt_0"]
+    calls = []
+    real = rn.residual_norm
+    monkeypatch.setattr(rn, "residual_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    generate = sys.modules["gemma4_jax.generate"]
+    steps = {}
+    try:
+        for fuse in ("0", "1"):
+            monkeypatch.setenv("GEMMA4_JAX_FUSE_LAYER_END", fuse)
+            jax.clear_caches()
+            generate._PROGRAMS.clear()
+            calls.clear()
+            with g4.use_kernels("pallas"):
+                cache = g4.init_cache(params, 1, 64)
+                logits, cache = g4.prefill(params, prompt[None], cache)
+                token = np.argmax(np.asarray(logits), -1)
+                out, _ = g4.decode_step(params, token, cache, np.array([len(prompt)]))
+            steps[fuse] = (np.asarray(out), len(calls))
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+        generate._PROGRAMS.clear()
+    (off, n_off), (on, n_on) = steps["0"], steps["1"]
+    # Traced once per scan slot: the mid-layer call, and with the fusion the layer-end one.
+    assert n_off > 0 and n_on == 2 * n_off, f"residual_norm traced {n_on} vs {n_off} times"
+    err = np.abs(on - off).max()
+    assert err < 1e-3 * max(1.0, np.abs(off).max()), f"{name}: fused vs unfused step {err:.2e}"
+    assert np.argmax(on) == np.argmax(off)
