@@ -239,7 +239,9 @@ def layer(
             )[:, None]
         a = ops.matmul(a.reshape(b, t, c.n_heads * s.head_dim), p["attn_output"])
         # h + post-attention norm of a, then the pre-MLP norm: one kernel when decoding.
-        h, y = ops.residual_norm(h, a, p["post_attention_norm"], p["ffn_norm"], eps=eps, dtype=dt)
+        h, y = ops.residual_norm(
+            h, a, p["post_attention_norm"], p["ffn_norm"], eps=eps, dtype=dt, site="attn"
+        )
 
     with jax.named_scope("moe" if s.moe else "mlp"):
         y = _mlp(p, y, "ffn_gate", "ffn_up", "ffn_down")
@@ -250,8 +252,10 @@ def layer(
 
     if ple is not None:
         with jax.named_scope("ple"):
-            h = h + rms_norm(branch, branch_norm, eps)
-            g = gelu(ops.matmul(h.astype(dt), p["ple_gate"])) * ple.astype(dt)
+            # h + the MLP's post-norm, and h in the compute dtype for the gate: one launch
+            # per decode row where XLA ran three.
+            h, hx = ops.residual_norm(h, branch, branch_norm, None, eps=eps, dtype=dt, site="ple")
+            g = gelu(ops.matmul(hx, p["ple_gate"])) * ple.astype(dt)
             branch, branch_norm = ops.matmul(g, p["ple_proj"]), p["ple_post_norm"]
 
     scale = p["layer_output_scale"]
@@ -259,8 +263,9 @@ def layer(
         # h + the branch's post-norm, times the layer scale, and the next layer's attention
         # norm: one launch per decode row instead of XLA's three or four.
         h, x_next = ops.residual_norm(
-            h, branch, branch_norm, ctx["next_attn_norm"], eps=eps, dtype=dt, scale=scale
-        )
+            h, branch, branch_norm, ctx["next_attn_norm"], eps=eps, dtype=dt, scale=scale,
+            site="end",
+        )  # fmt: skip
         return h, new, x_next
     h = (h + rms_norm(branch, branch_norm, eps)) * scale.astype(h.dtype)
     return h, new, None

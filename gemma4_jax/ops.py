@@ -11,7 +11,7 @@ reductions over the packed bytes (matvec.py), prefill as dequantize+dot). The mo
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
 takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL, GEMMA4_JAX_PACKED_MATVEC,
-GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM, GEMMA4_JAX_FUSE_LAYER_END; for A/B runs)
+GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM, GEMMA4_JAX_ATTN_COMBINE; for A/B runs)
 are also read at trace time but are NOT part of any cache key: set them before the first call,
 or call `jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
@@ -385,9 +385,13 @@ def decode_attention(q, k, v, pos, *, ring: bool, scale: float = 1.0, layer=None
     if layer is not None:
         layer = jnp.asarray(layer, jnp.int32)
     if _pallas():
+        # GEMMA4_JAX_ATTN_COMBINE=jnp: XLA combines the splits (A/B runs; trace time).
+        jnp_combine = os.environ.get("GEMMA4_JAX_ATTN_COMBINE", "pallas") == "jnp"
+        bs = da.BlockSizes(pallas_combine=False) if jnp_combine else None
         call = lambda q, k, v, pos, layer: da.decode_attention(
-            q, k, v, pos, ring=ring, scale=scale, layer=layer, interpret=_interpret()
-        )
+            q, k, v, pos, ring=ring, scale=scale, layer=layer, interpret=_interpret(),
+            block_sizes=bs,
+        )  # fmt: skip
         mesh = _mesh()
         if mesh is not None:
             b = _split(mesh, "data", q.shape[0])
@@ -444,35 +448,45 @@ def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
     return nr.qk_norm_rope_reference(q, k, v, taken(q_w), taken(k_w), positions, inv_freq, eps=eps)
 
 
-def residual_norm_kernel(h) -> bool:
-    """Whether `residual_norm` of residual rows `h` runs the Pallas kernel: decode rows
-    (h[B, 1, D]) in `pallas` / `auto` mode, no mesh, GEMMA4_JAX_RESIDUAL_NORM not 0 (an A/B
-    switch: XLA's kernels instead; read at trace time)."""
+RESIDUAL_NORM_SITES = ("attn", "ple", "end")
+
+
+def residual_norm_kernel(h, site: str) -> bool:
+    """Whether `residual_norm` of residual rows `h` at `site` runs the Pallas kernel: decode
+    rows (h[B, 1, D]) in `pallas` / `auto` mode, no mesh, and the site switched on by
+    GEMMA4_JAX_RESIDUAL_NORM (an A/B switch read at trace time: "1" (default) every site, "0"
+    none, or a comma list of `RESIDUAL_NORM_SITES`: "attn" between attention and MLP, "ple"
+    before the per-layer-embedding gate, "end" the layer end fused with the next layer's
+    attention norm (`fuse_layer_end`)). Elsewhere the jnp reference, the model's own
+    arithmetic."""
+    if site not in RESIDUAL_NORM_SITES:
+        raise ValueError(f"unknown residual_norm site {site!r}")
+    env = os.environ.get("GEMMA4_JAX_RESIDUAL_NORM", "1").strip()
+    on = env == "1" or (env != "0" and site in env.split(","))
     decode = h.ndim == 3 and h.shape[1] == 1
-    on = os.environ.get("GEMMA4_JAX_RESIDUAL_NORM", "1") != "0"
-    return _pallas() and decode and on and _mesh() is None
+    return on and _pallas() and decode and _mesh() is None
 
 
 def fuse_layer_end(h) -> bool:
     """Whether the cache-mode layer scan ends each layer with `residual_norm` (last residual
     add, layer scale and the NEXT layer's attention norm in one launch) and carries the
-    normalised row: when `residual_norm_kernel(h)`, the norm weights can stay stacked
-    (`stacked_weights`), and GEMMA4_JAX_FUSE_LAYER_END is not 0 (an A/B switch; trace time)."""
-    on = os.environ.get("GEMMA4_JAX_FUSE_LAYER_END", "1") != "0"
-    return on and stacked_weights() and residual_norm_kernel(h)
+    normalised row: site "end" of `residual_norm_kernel`, norm weights kept stacked."""
+    return stacked_weights() and residual_norm_kernel(h, "end")
 
 
-def residual_norm(h, a, w_a, w_n, *, eps: float, dtype, scale=None):
-    """`(h + rms_norm(a, w_a)) * scale` (no scale: 1) and the RMSNorm of that with `w_n` in
-    `dtype`: the glue between attention and MLP, or between one layer and the next. Weights
-    may be `LayerSlice`s of stacked norms (`w_n` possibly of another stack), read in place by
-    the kernel (see `residual_norm_kernel`); otherwise the jnp reference (the model's own
-    arithmetic)."""
+def residual_norm(h, a, w_a, w_n, *, eps: float, dtype, site: str, scale=None):
+    """`(h + rms_norm(a, w_a)) * scale` (no scale: 1) and the RMSNorm of that with `w_n` (None:
+    no norm) in `dtype`: the glue between attention and MLP, before the per-layer-embedding
+    gate, or between one layer and the next (`site`, see `residual_norm_kernel`, which says
+    when the Pallas kernel runs). Weights may be `LayerSlice`s of stacked norms (`w_n` possibly
+    of another stack), read in place by the kernel; otherwise the jnp reference."""
     from pallas_kernels import residual_norm as rn
 
-    if residual_norm_kernel(h):
+    if residual_norm_kernel(h, site):
         a_stack, layer = (w_a.stack, w_a.index) if isinstance(w_a, LayerSlice) else (w_a[None], 0)
-        n_stack, nxt = (w_n.stack, w_n.index) if isinstance(w_n, LayerSlice) else (w_n[None], 0)
+        n_stack, nxt = (w_n.stack, w_n.index) if isinstance(w_n, LayerSlice) else (w_n, 0)
+        if n_stack is not None and n_stack.ndim == 1:
+            n_stack = n_stack[None]
         if scale is not None:
             s = scale.stack if isinstance(scale, LayerSlice) else scale[None]
             scale = s.reshape(a_stack.shape[0])  # [L, 1] per-layer scalars -> [L]

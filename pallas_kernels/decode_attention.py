@@ -23,7 +23,11 @@ What is notable here:
   4K reads 4K slots and still keeps ``k_splits`` programs busy. Splits that get no block (more
   splits than live blocks) skip their loop entirely and contribute ``l = 0``.
 - Each split writes unnormalised partials (``acc``, running max ``m`` in log2 units, sum ``l``)
-  in f32; a log-sum-exp combine in jnp afterwards is exact.
+  in f32; a log-sum-exp combine afterwards is exact. The combine is a second small Pallas
+  launch (``_combine_kernel``, one program per row, head and 64 columns): in jnp, XLA made it
+  two kernels (the max over splits behind an optimisation barrier, then the weighted sum), and
+  at batch 1 each launch costs more than its work. Split counts that are not a power of two
+  (only if the caller sets them) take the jnp combine.
 - All ``G = H // Hk`` query heads of a kv head share one program (rows of the matmul, padded to
   16 for the Triton dot), so each cache tile is read once per group.
 - Slots ``>= n`` are masked at load (read as 0, never touched on the GPU), so an unwritten
@@ -58,12 +62,15 @@ class BlockSizes:
       k_splits: programs per (batch row, kv head) sharing the live prefix of the cache.
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth of the slot loop.
+      pallas_combine: combine the splits with the Pallas launch (None: yes) or in jnp (XLA's
+        two kernels; for A/B runs).
     """
 
     block_k: int | None = None
     k_splits: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    pallas_combine: bool | None = None
 
     def resolve(
         self, *, batch: int, kv_heads: int, seq_k: int, head_dim: int, itemsize: int, rows: int
@@ -96,9 +103,11 @@ class BlockSizes:
         k_splits = self.k_splits
         if k_splits is None:
             want = _compat.next_pow2(max(1, 264 // (batch * kv_heads)))
-            k_splits = max(1, min(want, 64, pl.cdiv(seq_k, block_k)))
+            # A power of two, so the Pallas combine can hold all splits in one block.
+            k_splits = max(1, min(want, 64, _prev_pow2(pl.cdiv(seq_k, block_k))))
         num_warps = self.num_warps or 4
-        return BlockSizes(block_k, k_splits, num_warps, num_stages)
+        combine = self.pallas_combine is None or self.pallas_combine
+        return BlockSizes(block_k, k_splits, num_warps, num_stages, combine)
 
     def _fit_budget(self, rows: int, seq_k: int, head_dim: int, itemsize: int):
         """(block_k, num_stages): the caller's, else 64 slots and 2 stages shrunk (block_k to
@@ -188,6 +197,52 @@ def _decode_kernel(
     _compat.store(acc_ref.at[pl.ds(0, rows)], acc, mask=row_ok[:, None])
     _compat.store(m_ref.at[pl.ds(0, rows)], m_i, mask=row_ok)
     _compat.store(l_ref.at[pl.ds(0, rows)], l_i, mask=row_ok)
+
+
+def _prev_pow2(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def _combine_kernel(acc_ref, m_ref, l_ref, o_ref):
+    # acc_ref [S, bd] f32 | m_ref, l_ref [S] f32 | o_ref [bd]: one (row, head, column block).
+    m = m_ref[...]
+    w = jnp.exp2(m - jnp.max(m))  # [S]; 0 for splits that saw nothing
+    l_tot = jnp.sum(w * l_ref[...])
+    o = jnp.sum(w[:, None] * acc_ref[...], axis=0)  # [bd]
+    o_ref[...] = (o / jnp.where(l_tot == 0.0, 1.0, l_tot)).astype(o_ref.dtype)
+
+
+def _combine(acc, m, l, out_dtype, *, interpret: bool, pallas: bool = True):
+    """Exact log-sum-exp combine of the splits' partials: acc[B, S, H, D], m/l[B, S, H] (log2
+    units) -> o[B, H, D] in `out_dtype`. One Pallas launch when S is a power of two."""
+    batch, splits, heads, d = acc.shape
+    if not pallas or not _compat.is_pow2(splits) or d % 16:
+        m_max = jnp.max(m, axis=1, keepdims=True)  # [B, 1, H]
+        # Upstream's decode kernel (jax ops/gpu/decode_attention.py, b/389925439) needs this
+        # barrier to keep XLA from producing NaNs in the fused combine; it costs nothing.
+        m_max = lax.optimization_barrier(m_max)
+        w = jnp.exp2(m - m_max)  # [B, S, H]
+        l_tot = jnp.sum(w * l, axis=1)  # [B, H]
+        o = jnp.sum(w[..., None] * acc, axis=1)  # [B, H, D]
+        return (o / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]).astype(out_dtype)
+    bd = math.gcd(d, 64)
+    stats = pl.BlockSpec((None, splits, None), lambda b, h, c: (b, 0, h))
+    return pl.pallas_call(
+        _combine_kernel,
+        grid=(batch, heads, d // bd),
+        in_specs=[
+            pl.BlockSpec((None, splits, None, bd), lambda b, h, c: (b, 0, h, c)),
+            stats,
+            stats,
+        ],
+        out_specs=pl.BlockSpec((None, None, bd), lambda b, h, c: (b, h, c)),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, d), out_dtype),
+        compiler_params=_compat.compiler_params(
+            num_warps=1 if splits * bd <= 1024 else 4, num_stages=1
+        ),
+        interpret=interpret,
+        name="decode_attention_combine",
+    )(acc, m, l)
 
 
 def _validate(q, k, v, pos, ring, scale, block_sizes, layer):
@@ -312,15 +367,7 @@ def decode_attention(
     )(n, layer, q, k, v)
 
     # Exact log-sum-exp combine of the splits (log2 units, as the kernel keeps them).
-    m_max = jnp.max(m, axis=1, keepdims=True)  # [B, 1, H]
-    # Upstream's decode kernel (jax ops/gpu/decode_attention.py, b/389925439) needs this barrier
-    # to keep XLA from producing NaNs in the fused combine after compilation; it costs nothing.
-    m_max = lax.optimization_barrier(m_max)
-    w = jnp.exp2(m - m_max)  # [B, k_splits, H]; 0 for splits that saw nothing
-    l_tot = jnp.sum(w * l, axis=1)  # [B, H]
-    o = jnp.sum(w[..., None] * acc, axis=1)  # [B, H, D]
-    o = o / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
-    return o.astype(q.dtype)
+    return _combine(acc, m, l, q.dtype, interpret=interpret, pallas=bs.pallas_combine)
 
 
 @functools.partial(jax.jit, static_argnames=["ring", "scale"])

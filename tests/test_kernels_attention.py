@@ -323,6 +323,20 @@ class TestDecodeAttention:
         ref = da.decode_attention_reference(q, k, v, pos, ring=c.ring)
         _close(out, ref, c.dtype, c.id)
 
+    @pytest.mark.parametrize("splits", [1, 4, 8])
+    def test_pallas_and_jnp_combines_agree(self, splits):
+        # 8 splits over 3 live blocks: five splits see nothing (m = MASK_VALUE, l = 0).
+        c = DecodeCase(2, 48, 8, 2, 256, False, F32, (40, 5), 29)
+        q, k, v, pos = _decode_inputs(c)
+        run = lambda combine: da.decode_attention(
+            q, k, v, pos, ring=False, interpret=self.interpret,
+            block_sizes=da.BlockSizes(16, splits, pallas_combine=combine),
+        )  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(run(True)), np.asarray(run(False)), rtol=1e-6, atol=1e-6
+        )
+        _close(run(True), da.decode_attention_reference(q, k, v, pos, ring=False), F32, c.id)
+
     def test_huge_unwritten_tail(self):
         c = DecodeCase(2, 64, 4, 2, 64, False, F32, (9, 30), 28, da.BlockSizes(16, 4))
         q, k, v, pos = _decode_inputs(c, tail=(3e38, -3e38))
