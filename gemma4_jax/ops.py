@@ -448,17 +448,16 @@ def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
     return nr.qk_norm_rope_reference(q, k, v, taken(q_w), taken(k_w), positions, inv_freq, eps=eps)
 
 
-RESIDUAL_NORM_SITES = ("attn", "ple", "end")
+RESIDUAL_NORM_SITES = ("attn", "end")
 
 
 def residual_norm_kernel(h, site: str) -> bool:
     """Whether `residual_norm` of residual rows `h` at `site` runs the Pallas kernel: decode
     rows (h[B, 1, D]) in `pallas` / `auto` mode, no mesh, and the site switched on by
     GEMMA4_JAX_RESIDUAL_NORM (an A/B switch read at trace time: "1" (default) every site, "0"
-    none, or a comma list of `RESIDUAL_NORM_SITES`: "attn" between attention and MLP, "ple"
-    before the per-layer-embedding gate, "end" the layer end fused with the next layer's
-    attention norm (`fuse_layer_end`)). Elsewhere the jnp reference, the model's own
-    arithmetic."""
+    none, or a comma list of `RESIDUAL_NORM_SITES`: "attn" between attention and MLP, "end"
+    the layer end fused with the next layer's attention norm (`fuse_layer_end`)). Elsewhere
+    the jnp reference, the model's own arithmetic."""
     if site not in RESIDUAL_NORM_SITES:
         raise ValueError(f"unknown residual_norm site {site!r}")
     env = os.environ.get("GEMMA4_JAX_RESIDUAL_NORM", "1").strip()
@@ -475,18 +474,16 @@ def fuse_layer_end(h) -> bool:
 
 
 def residual_norm(h, a, w_a, w_n, *, eps: float, dtype, site: str, scale=None):
-    """`(h + rms_norm(a, w_a)) * scale` (no scale: 1) and the RMSNorm of that with `w_n` (None:
-    no norm) in `dtype`: the glue between attention and MLP, before the per-layer-embedding
-    gate, or between one layer and the next (`site`, see `residual_norm_kernel`, which says
-    when the Pallas kernel runs). Weights may be `LayerSlice`s of stacked norms (`w_n` possibly
-    of another stack), read in place by the kernel; otherwise the jnp reference."""
+    """`(h + rms_norm(a, w_a)) * scale` (no scale: 1) and the RMSNorm of that with `w_n` in
+    `dtype`: the glue between attention and MLP, or between one layer and the next (`site`,
+    see `residual_norm_kernel`, which says when the Pallas kernel runs). Weights may be
+    `LayerSlice`s of stacked norms (`w_n` possibly of another stack), read in place by the
+    kernel; otherwise the jnp reference."""
     from pallas_kernels import residual_norm as rn
 
     if residual_norm_kernel(h, site):
         a_stack, layer = (w_a.stack, w_a.index) if isinstance(w_a, LayerSlice) else (w_a[None], 0)
-        n_stack, nxt = (w_n.stack, w_n.index) if isinstance(w_n, LayerSlice) else (w_n, 0)
-        if n_stack is not None and n_stack.ndim == 1:
-            n_stack = n_stack[None]
+        n_stack, nxt = (w_n.stack, w_n.index) if isinstance(w_n, LayerSlice) else (w_n[None], 0)
         if scale is not None:
             s = scale.stack if isinstance(scale, LayerSlice) else scale[None]
             scale = s.reshape(a_stack.shape[0])  # [L, 1] per-layer scalars -> [L]

@@ -1,12 +1,11 @@
 """Residual add of a normed branch + the next RMSNorm, one launch per decode row (Pallas GPU).
 
-Contract: ``residual_norm(h[R, D] f32, a[R, D], w_a[L, D], w_n[L, D] | None, layer, *, eps,
-out_dtype, scale=None | [L]) -> (h2, x)`` with, per row,
+Contract: ``residual_norm(h[R, D] f32, a[R, D], w_a[L, D], w_n[L, D], layer, *, eps, out_dtype,
+scale=None | [L]) -> (h2, x)`` with, per row,
 ``h2 = (h + rms_norm(a, w_a[layer])) * scale[layer]`` (the norm rounded to ``a.dtype`` before
 the add, as the model's `rms_norm` returns its input's dtype; no scale: 1) and
 ``x = rms_norm(h2, w_n[layer_n])`` in ``out_dtype``, where ``rms_norm(x, w) = x * rsqrt(mean(x^2)
-+ eps) * w`` in f32 and ``layer_n`` is ``layer_next`` if given, else ``layer``; with
-``w_n=None``, ``x = h2`` in ``out_dtype`` (no norm: the input of the per-layer-embedding gate).
++ eps) * w`` in f32 and ``layer_n`` is ``layer_next`` if given, else ``layer``.
 
 Why a kernel for so little arithmetic: in a batch-1 decode step this is the glue between the
 attention output projection and the MLP (post-attention norm, residual add, pre-MLP norm), and
@@ -52,7 +51,7 @@ class BlockSizes:
 
 
 def _residual_norm_kernel(
-    layer_ref, next_ref, h_ref, a_ref, wa_ref, wn_ref, s_ref, h_out, x_out, *, dim, eps, norm
+    layer_ref, next_ref, h_ref, a_ref, wa_ref, wn_ref, s_ref, h_out, x_out, *, dim, eps
 ):
     # layer_ref, next_ref [] int32 | h_ref [Dp] f32 | a_ref [Dp] | wa_ref [L, Dp] |
     # wn_ref [Ln, Dp] | s_ref [L] f32 | outs [Dp]
@@ -62,15 +61,14 @@ def _residual_norm_kernel(
     cols = pl.ds(0, dp)
     a = _compat.load(a_ref, mask=ok, other=0).astype(jnp.float32)
     w_a = _compat.load(wa_ref.at[layer, cols], mask=ok, other=0).astype(jnp.float32)
+    w_n = _compat.load(wn_ref.at[nxt, cols], mask=ok, other=0).astype(jnp.float32)
     scale = _compat.load(s_ref.at[pl.ds(layer, 1)]).astype(jnp.float32)  # [1]
     r = lax.rsqrt(jnp.sum(a * a) / dim + eps)
     branch = (a * r * w_a).astype(a_ref.dtype).astype(jnp.float32)  # the model rounds here
     h2 = (_compat.load(h_ref, mask=ok, other=0).astype(jnp.float32) + branch) * scale
     _compat.store(h_out, h2.astype(h_out.dtype), mask=ok)
-    if norm:
-        w_n = _compat.load(wn_ref.at[nxt, cols], mask=ok, other=0).astype(jnp.float32)
-        h2 = h2 * lax.rsqrt(jnp.sum(h2 * h2) / dim + eps) * w_n
-    _compat.store(x_out, h2.astype(x_out.dtype), mask=ok)
+    r2 = lax.rsqrt(jnp.sum(h2 * h2) / dim + eps)
+    _compat.store(x_out, (h2 * r2 * w_n).astype(x_out.dtype), mask=ok)
 
 
 def _validate(h, a, w_a, w_n, layer, layer_next, scale):
@@ -79,10 +77,10 @@ def _validate(h, a, w_a, w_n, layer, layer_next, scale):
     if h.dtype != jnp.float32:
         raise ValueError(f"{h.dtype=} must be float32 (the residual stream)")
     d = h.shape[1]
-    for name, w in (("w_a", w_a), ("w_n", w_a if w_n is None else w_n)):
+    for name, w in (("w_a", w_a), ("w_n", w_n)):
         if w.ndim != 2 or w.shape[1] != d:
             raise ValueError(f"{name}.shape={w.shape} must be [L, {d}]")
-    if layer_next is None and w_n is not None and w_a.shape != w_n.shape:
+    if layer_next is None and w_a.shape != w_n.shape:
         raise ValueError(f"{w_a.shape=} must equal {w_n.shape=} (or give layer_next)")
     if scale is not None and scale.shape != (w_a.shape[0],):
         raise ValueError(f"{scale.shape=} must be ({w_a.shape[0]},): one per stacked layer")
@@ -98,7 +96,7 @@ def residual_norm(
     h: jax.Array,  # [R, D] f32
     a: jax.Array,  # [R, D]
     w_a: jax.Array,  # [L, D]
-    w_n: jax.Array | None,  # [L, D]; None: x = h2 unnormalised
+    w_n: jax.Array,  # [L, D]
     layer: jax.Array | int,  # [] or [1] int: the row of the stacked weights
     *,
     eps: float,
@@ -114,8 +112,6 @@ def residual_norm(
     rows, dim = h.shape
     dp = _compat.next_pow2(dim)
     bs = (block_sizes or BlockSizes()).resolve(dim=dim)
-    norm = w_n is not None
-    w_n = w_n if norm else w_a[:1]  # not read without the norm
     n_a, n_n = w_a.shape[0], w_n.shape[0]
     if scale is None:
         scale = jnp.ones((n_a,), jnp.float32)
@@ -126,7 +122,7 @@ def residual_norm(
     row = pl.BlockSpec((None, dp), lambda i: (i, 0))
     index = pl.BlockSpec((None,), lambda i: (0,))
     return pl.pallas_call(
-        functools.partial(_residual_norm_kernel, dim=dim, eps=float(eps), norm=norm),
+        functools.partial(_residual_norm_kernel, dim=dim, eps=float(eps)),
         grid=(rows,),
         in_specs=[
             index,
@@ -159,7 +155,7 @@ def residual_norm_reference(
     h: jax.Array,  # [..., D] f32
     a: jax.Array,  # [..., D]
     w_a: jax.Array,  # [D]
-    w_n: jax.Array | None,  # [D]; None: no norm
+    w_n: jax.Array,  # [D]
     *,
     eps: float,
     out_dtype,
@@ -170,4 +166,4 @@ def residual_norm_reference(
     h2 = h + _rms_norm(a, w_a, eps)
     if scale is not None:
         h2 = h2 * scale.astype(h2.dtype)
-    return h2, (h2 if w_n is None else _rms_norm(h2, w_n, eps)).astype(out_dtype)
+    return h2, _rms_norm(h2, w_n, eps).astype(out_dtype)

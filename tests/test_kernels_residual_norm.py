@@ -92,24 +92,6 @@ class TestResidualNorm:
                 np.asarray(x.astype(F32)), np.asarray(ref_x.astype(F32)), rtol=1e-2, atol=1e-2
             )
 
-    def test_without_the_second_norm(self):
-        # w_n=None (before the per-layer-embedding gate): x is h2 itself in out_dtype.
-        h, a, w_a, _ = _inputs(2, 2560, 3, BF16, 9)
-        run = jax.jit(
-            lambda layer: rn.residual_norm(
-                h, a, w_a, None, layer, eps=1e-6, out_dtype=BF16, interpret=self.interpret
-            )
-        )
-        for layer in range(3):
-            h2, x = run(jnp.int32(layer))
-            ref_h, ref_x = rn.residual_norm_reference(
-                h, a, w_a[layer], None, eps=1e-6, out_dtype=BF16
-            )
-            atol = 2 * 2.0**-8 * float(jnp.abs(ref_h).max())
-            np.testing.assert_allclose(np.asarray(h2), np.asarray(ref_h), rtol=0, atol=atol)
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(h2.astype(BF16)))
-            assert x.dtype == BF16 and ref_x.dtype == BF16
-
     def test_layer_index_is_clamped(self):
         h, a, w_a, w_n = _inputs(1, 128, 2, F32, 5)
         got = rn.residual_norm(h, a, w_a, w_n, 7, eps=1e-6, out_dtype=F32, interpret=True)
