@@ -65,7 +65,9 @@ note "# gemma4-jax GPU suite, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 note ""
 note '```'
 {
-    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l) changed files"
+    # The device tool copies the working tree but may keep an older .git: SUITE_COMMIT (set by
+    # the caller from its own checkout) names the code when given.
+    echo "commit: ${SUITE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l) changed files (device .git)}"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null || echo "nvidia-smi: none"
 } | tee -a "$SUMMARY"
 

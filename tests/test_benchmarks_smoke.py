@@ -276,3 +276,19 @@ def test_bench_attention_smoke_runs():
     from benchmarks import bench_attention as ba
 
     assert ba.main(["--smoke"]) == 0
+
+
+def test_first_token_probe_smoke(fixtures_dir):
+    # A tiny fixture GGUF on the CPU: one cold and one warm fresh process on one cache, each
+    # with its phases and JAX's compile-log totals.
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "first_token_probe.py"),
+        "--gguf",
+        str(fixtures_dir / "e4b_tiny" / "model.gguf"),
+    ]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for label in ("cold", "warm"):
+        line = next(x for x in r.stdout.splitlines() if x.startswith(f"{label}:"))
+        assert "import" in line and "generate" in line and "compile" in line, line
