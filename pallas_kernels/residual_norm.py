@@ -50,11 +50,13 @@ class BlockSizes:
         return BlockSizes(self.num_warps or (4 if dim <= 4096 else 8))
 
 
-def _residual_norm_kernel(
-    layer_ref, next_ref, h_ref, a_ref, wa_ref, wn_ref, s_ref, h_out, x_out, *, dim, eps
-):
+def _residual_norm_kernel(*refs, dim, eps, has_scale):
     # layer_ref, next_ref [] int32 | h_ref [Dp] f32 | a_ref [Dp] | wa_ref [L, Dp] |
-    # wn_ref [Ln, Dp] | s_ref [L] f32 | outs [Dp]
+    # wn_ref [Ln, Dp] | s_ref [L] f32 (only with has_scale) | outs [Dp]
+    if has_scale:
+        layer_ref, next_ref, h_ref, a_ref, wa_ref, wn_ref, s_ref, h_out, x_out = refs
+    else:
+        layer_ref, next_ref, h_ref, a_ref, wa_ref, wn_ref, h_out, x_out = refs
     dp = h_ref.shape[-1]
     ok = jnp.arange(dp, dtype=jnp.int32) < dim  # D padded to a power of two
     layer, nxt = layer_ref[()], next_ref[()]
@@ -62,10 +64,11 @@ def _residual_norm_kernel(
     a = _compat.load(a_ref, mask=ok, other=0).astype(jnp.float32)
     w_a = _compat.load(wa_ref.at[layer, cols], mask=ok, other=0).astype(jnp.float32)
     w_n = _compat.load(wn_ref.at[nxt, cols], mask=ok, other=0).astype(jnp.float32)
-    scale = _compat.load(s_ref.at[pl.ds(layer, 1)]).astype(jnp.float32)  # [1]
     r = lax.rsqrt(jnp.sum(a * a) / dim + eps)
     branch = (a * r * w_a).astype(a_ref.dtype).astype(jnp.float32)  # the model rounds here
-    h2 = (_compat.load(h_ref, mask=ok, other=0).astype(jnp.float32) + branch) * scale
+    h2 = _compat.load(h_ref, mask=ok, other=0).astype(jnp.float32) + branch
+    if has_scale:
+        h2 = h2 * _compat.load(s_ref.at[pl.ds(layer, 1)]).astype(jnp.float32)  # [1]
     _compat.store(h_out, h2.astype(h_out.dtype), mask=ok)
     r2 = lax.rsqrt(jnp.sum(h2 * h2) / dim + eps)
     _compat.store(x_out, (h2 * r2 * w_n).astype(x_out.dtype), mask=ok)
@@ -113,8 +116,8 @@ def residual_norm(
     dp = _compat.next_pow2(dim)
     bs = (block_sizes or BlockSizes()).resolve(dim=dim)
     n_a, n_n = w_a.shape[0], w_n.shape[0]
-    if scale is None:
-        scale = jnp.ones((n_a,), jnp.float32)
+    # No scale, no operand: a ones vector would be one more XLA kernel per call.
+    scales = () if scale is None else (scale.astype(jnp.float32),)
     # Clamped like jnp's w[layer], so a bad index can never read outside the stack on the GPU.
     layer_next = layer if layer_next is None else layer_next
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(1), 0, n_a - 1)
@@ -122,7 +125,9 @@ def residual_norm(
     row = pl.BlockSpec((None, dp), lambda i: (i, 0))
     index = pl.BlockSpec((None,), lambda i: (0,))
     return pl.pallas_call(
-        functools.partial(_residual_norm_kernel, dim=dim, eps=float(eps)),
+        functools.partial(
+            _residual_norm_kernel, dim=dim, eps=float(eps), has_scale=scale is not None
+        ),
         grid=(rows,),
         in_specs=[
             index,
@@ -131,7 +136,7 @@ def residual_norm(
             row,
             pl.BlockSpec((n_a, dp), lambda i: (0, 0)),
             pl.BlockSpec((n_n, dp), lambda i: (0, 0)),
-            pl.BlockSpec((n_a,), lambda i: (0,)),
+            *[pl.BlockSpec((n_a,), lambda i: (0,)) for _ in scales],
         ],
         out_specs=[row, row],
         out_shape=[
@@ -141,7 +146,7 @@ def residual_norm(
         compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=1),
         interpret=interpret,
         name="residual_norm",
-    )(layer, layer_next, h, a, w_a, w_n, scale.astype(jnp.float32))
+    )(layer, layer_next, h, a, w_a, w_n, *scales)
 
 
 def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
