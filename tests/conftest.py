@@ -65,3 +65,18 @@ def tiny(g4_cache):
     from gemma4_jax.builtin import resolve_model
 
     return load(resolve_model("builtin:tiny"), dtype="float32")
+
+
+def lower_for_h100(fn, *args):
+    """Lower ``fn`` for CUDA with an abstract H100 on the CPU: runs every Triton lowering rule
+    of the Pallas kernels inside (the compiled kernels themselves need a GPU)."""
+    import jax
+
+    device = jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+    )
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton_kernel_call" in text or "__gpu$xla.gpu.triton" in text, text[:2000]
+    return text

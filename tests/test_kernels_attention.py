@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import lower_for_h100
 
 from pallas_kernels import decode_attention as da
 from pallas_kernels import flash_attention as fa
@@ -726,18 +727,6 @@ def pytest_generate_tests(metafunc):
 # ------------------------------------------------------------------------ lowering on the CPU
 
 
-def _lower_for_h100(fn, *args):
-    """Lower ``fn`` for CUDA with an abstract H100: runs every Triton lowering rule."""
-    device = jax.sharding.AbstractDevice(
-        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
-    )
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "triton_kernel_call" in text or "__gpu$xla.gpu.triton" in text, text[:2000]
-    return text
-
-
 def _spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
@@ -756,13 +745,13 @@ class TestTritonLowering:
     def test_flash(self, c: FlashCase):
         fn = functools.partial(fa.flash_attention, window=c.window, block_sizes=c.block)
         kv = _spec((c.b, c.s, c.hk, c.d), c.dtype)
-        _lower_for_h100(fn, _spec((c.b, c.t, c.h, c.d), c.dtype), kv, kv, _spec((c.b,), jnp.int32))
+        lower_for_h100(fn, _spec((c.b, c.t, c.h, c.d), c.dtype), kv, kv, _spec((c.b,), jnp.int32))
 
     @pytest.mark.parametrize("c", DECODE_GPU + DECODE_CPU, ids=lambda c: c.id)
     def test_decode(self, c: DecodeCase):
         fn = functools.partial(da.decode_attention, ring=c.ring, block_sizes=c.block)
         kv = _spec((c.b, c.s, c.hk, c.d), c.dtype)
-        _lower_for_h100(fn, _spec((c.b, c.h, c.d), c.dtype), kv, kv, _spec((c.b,), jnp.int32))
+        lower_for_h100(fn, _spec((c.b, c.h, c.d), c.dtype), kv, kv, _spec((c.b,), jnp.int32))
 
     @pytest.mark.parametrize("c", STACKED_GPU + STACKED_CPU + STACKED_HUGE, ids=lambda c: c.id)
     def test_decode_stacked_reads_in_place(self, c: StackedCase):
@@ -772,7 +761,7 @@ class TestTritonLowering:
         )
         kv = _spec((c.n_layers, b.b, b.s, b.hk, b.d), b.dtype)
         args = (_spec((b.b, b.h, b.d), b.dtype), kv, kv, _spec((b.b,), jnp.int32))
-        text = _lower_for_h100(fn, *args, _spec((), jnp.int32))
+        text = lower_for_h100(fn, *args, _spec((), jnp.int32))
         # No slice/copy of the stack outside the kernel: it must reach the custom call whole.
         mlir_dtype = {F32: "f32", BF16: "bf16"}[jnp.dtype(b.dtype)]
         stack = f"tensor<{'x'.join(map(str, kv.shape))}x{mlir_dtype}>"
@@ -784,7 +773,7 @@ class TestTritonLowering:
     def test_norm_rope(self, c: NormRopeCase):
         fn = functools.partial(nr.qk_norm_rope, eps=1e-6, block_sizes=c.block)
         args = [None if x is None else _spec(x.shape, x.dtype) for x in _norm_rope_inputs(c)]
-        _lower_for_h100(fn, *args)
+        lower_for_h100(fn, *args)
 
 
 # ------------------------------------------------------------------------ shared memory (H100)

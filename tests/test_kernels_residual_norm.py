@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import lower_for_h100
 
 from pallas_kernels import residual_norm as rn
 
@@ -119,3 +120,23 @@ class TestResidualNorm:
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU (compiled Pallas kernels)")
 class TestResidualNormGpu(TestResidualNorm):
     interpret = False
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_triton_lowering_for_h100(with_scale):
+    # Both operand lists (the scale is an operand only when given) through the Triton lowering,
+    # on the CPU: E4B decode shapes, stacks of 4 and 5 rows, bf16 branch and output. Without a
+    # scale no broadcast may feed the kernel (it would be an XLA kernel per call).
+    spec = jax.ShapeDtypeStruct
+    fn = lambda h, a, w_a, w_n, layer, nxt, scale: rn.residual_norm(
+        h, a, w_a, w_n, layer, layer_next=nxt, scale=scale if with_scale else None,
+        eps=1e-6, out_dtype=BF16,
+    )  # fmt: skip
+    i32 = spec((), jnp.int32)
+    text = lower_for_h100(
+        fn, spec((1, 2560), F32), spec((1, 2560), BF16), spec((4, 2560), F32),
+        spec((5, 2560), F32), i32, i32, spec((4,), F32),
+    )  # fmt: skip
+    call = next(ln for ln in text.splitlines() if "custom_call" in ln)
+    assert call.count("%arg6") == with_scale, call[:300]  # the scale goes in only when given
+    assert "broadcast_in_dim %cst" not in text, text[:3000]  # no ones vector built instead
