@@ -40,7 +40,6 @@ VARIANTS = {
     "auto-rn": ("auto", "", {"GEMMA4_JAX_RESIDUAL_NORM": "0"}),
     "auto-le": ("auto", "", {"GEMMA4_JAX_RESIDUAL_NORM": "attn"}),
     "auto-combine": ("auto", "", {"GEMMA4_JAX_ATTN_COMBINE": "jnp"}),
-    "auto-codes": ("auto", "", {"GEMMA4_JAX_MATVEC_CODES": "convert"}),
     "pallas": ("pallas", "", {}),
     "reference+cmdbuf": ("reference", CMDBUF, {}),
     "auto+cmdbuf": ("auto", CMDBUF, {}),

@@ -14,15 +14,6 @@ one slice per nibble. Each weight value is computed exactly as `dequantize` comp
 f32 operations, so the same value), multiplied by the activation in f32 and summed in f32; only
 the summation order differs from the reference, and the weight is not rounded to bf16 first.
 
-Integer codes become f32 through `_codes`: by default with the "magic number" trick (an
-integer `u < 2**23` ORed into the mantissa of `2.0**23`, minus `2**23 + bias`: exact, one
-integer op and one FADD) rather than XLA's `convert`, which is an I2F instruction at 1/8 of the
-FP32 rate on sm_90 (16 per SM per clock). A 4-bit reduction converts a nibble plus its
-sub-block's scale and min per element (vectorised loads share some of the latter), so on the
-H100 the conversions, not the bytes, bounded XLA's Q4_K reductions (~0.85 TB/s, RESULTS.md).
-`GEMMA4_JAX_MATVEC_CODES=convert` restores the plain converts (an A/B switch, read at trace
-time); the values are the same either way.
-
 `matvec(x, w)` takes `x[..., K]` with a single row (all leading dims 1) and `w[N, K]`;
 `supports(x, w)` says when it applies. ops.matmul uses it in `auto` mode on batch-1 calls.
 """
@@ -30,11 +21,9 @@ time); the values are the same either way.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from . import quant
 
@@ -63,34 +52,6 @@ def _f32(a) -> jax.Array:
     return jnp.asarray(a).astype(jnp.float32)
 
 
-_MAGIC = 0x4B000000  # the bits of 2.0**23: integers below 2**23 fill its mantissa exactly
-
-
-def _magic() -> bool:
-    mode = os.environ.get("GEMMA4_JAX_MATVEC_CODES", "magic")
-    if mode not in ("magic", "convert"):
-        raise ValueError(f"GEMMA4_JAX_MATVEC_CODES={mode!r} is not 'magic' or 'convert'")
-    return mode == "magic"
-
-
-def _codes(q, bias: int = 0) -> jax.Array:
-    """Unsigned integer codes `q` (< 2**23) as exact f32 values `q - bias`."""
-    q = jnp.asarray(q)
-    if not _magic():
-        out = _f32(q)
-        return out - float(bias) if bias else out
-    bits = q.astype(jnp.uint32) | jnp.uint32(_MAGIC)
-    return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(2**23 + bias)
-
-
-def _signed_codes(q) -> jax.Array:
-    """int8 codes as exact f32 values (offset to unsigned, then `_codes`)."""
-    if not _magic():
-        return _f32(q)
-    u = lax.bitcast_convert_type(jnp.asarray(q), jnp.uint8) ^ jnp.uint8(0x80)
-    return _codes(u, bias=128)
-
-
 def _rows(a, *shape) -> jax.Array:
     """A field `[N, ...]` viewed as `[N, *shape]`."""
     a = jnp.asarray(a)
@@ -104,7 +65,7 @@ def _sum(terms: jax.Array) -> jax.Array:
 
 def _q8_0(x, w):
     nb = w.shape[1] // 32
-    q = _signed_codes(_rows(w.qs, nb, 32))
+    q = _f32(_rows(w.qs, nb, 32))
     d = _f32(_rows(w.d, nb, 1))
     return _sum(q * d * x.reshape(nb, 32))
 
@@ -115,8 +76,8 @@ def _q4_0(x, w):
     qs = _rows(w.qs, nb, 16)
     d = _f32(_rows(w.d, nb, 1))
     xs = x.reshape(nb, 2, 16)
-    lo = d * _codes(qs & 0x0F, bias=8)
-    hi = d * _codes(qs >> 4, bias=8)
+    lo = d * (_f32(qs & 0x0F) - 8.0)
+    hi = d * (_f32(qs >> 4) - 8.0)
     return _sum(lo * xs[:, 0] + hi * xs[:, 1])
 
 
@@ -124,8 +85,8 @@ def _k_scales(w, nb):
     """Q4_K/Q5_K sub-block scales and mins `[N, nb, 4 chunks, 2 nibbles, 1]` (exact f32)."""
     d = _f32(_rows(w.d, nb, 1, 1, 1))
     dmin = _f32(_rows(w.dmin, nb, 1, 1, 1))
-    sc = _codes(_rows(w.sc, nb, 4, 2, 1))
-    m = _codes(_rows(w.m, nb, 4, 2, 1))
+    sc = _f32(_rows(w.sc, nb, 4, 2, 1))
+    m = _f32(_rows(w.m, nb, 4, 2, 1))
     return d * sc, dmin * m
 
 
@@ -136,8 +97,8 @@ def _q4_k(x, w):
     qs = _rows(w.qs, nb, 4, 32)
     scale, mins = _k_scales(w, nb)
     xs = x.reshape(nb, 4, 2, 32)
-    lo = scale[..., 0, :] * _codes(qs & 0x0F) - mins[..., 0, :]
-    hi = scale[..., 1, :] * _codes(qs >> 4) - mins[..., 1, :]
+    lo = scale[..., 0, :] * _f32(qs & 0x0F) - mins[..., 0, :]
+    hi = scale[..., 1, :] * _f32(qs >> 4) - mins[..., 1, :]
     return _sum(lo * xs[:, :, 0] + hi * xs[:, :, 1])
 
 
@@ -152,8 +113,8 @@ def _q5_k(x, w):
     xs = x.reshape(nb, 4, 2, 32)
     q_lo = (qs & 0x0F) | (((qh >> shift) & 1) << 4)
     q_hi = (qs >> 4) | (((qh >> (shift + 1)) & 1) << 4)
-    lo = scale[..., 0, :] * _codes(q_lo) - mins[..., 0, :]
-    hi = scale[..., 1, :] * _codes(q_hi) - mins[..., 1, :]
+    lo = scale[..., 0, :] * _f32(q_lo) - mins[..., 0, :]
+    hi = scale[..., 1, :] * _f32(q_hi) - mins[..., 1, :]
     return _sum(lo * xs[:, :, 0] + hi * xs[:, :, 1])
 
 
@@ -167,7 +128,7 @@ def _q6_k(x, w):
     nb = w.shape[1] // 256
     ql = _rows(w.ql, nb, 2, 2, 2, 16)  # [N, nb, h, t // 32, i // 16, i % 16]
     qh = _rows(w.qh, nb, 2, 2, 16)  # [N, nb, h, i // 16, i % 16]
-    sc = _signed_codes(_rows(w.sc, nb, 2, 4, 2, 1))  # [N, nb, h, s, i // 16, 1]
+    sc = _f32(_rows(w.sc, nb, 2, 4, 2, 1))  # [N, nb, h, s, i // 16, 1]
     d = _f32(_rows(w.d, nb, 1, 1, 1))
     xs = x.reshape(nb, 2, 4, 2, 16)  # [nb, h, s, i // 16, i % 16]
     low = (ql[:, :, :, 0] & 0x0F, ql[:, :, :, 1] & 0x0F, ql[:, :, :, 0] >> 4, ql[:, :, :, 1] >> 4)
@@ -175,7 +136,7 @@ def _q6_k(x, w):
     for s in range(4):
         # The -32 offset in f32 (exact for 0..63): as an int8 subtraction fused into this
         # reduction, XLA:CPU (jax 0.10.2) summed wrong values under jit (tests/test_matvec.py).
-        q = _codes(low[s] | (((qh >> (2 * s)) & 3) << 4), bias=32)
+        q = _f32(low[s] | (((qh >> (2 * s)) & 3) << 4)) - 32.0
         term = ((d * sc[:, :, :, s]) * q) * xs[:, :, s]
         acc = term if acc is None else acc + term
     return _sum(acc)
