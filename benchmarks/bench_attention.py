@@ -116,7 +116,44 @@ def _compile(job: Job, smoke: bool):
     return exe, time.perf_counter() - t0
 
 
-def _run(job: Job, compiled, *, reps: int, smoke: bool, key) -> dict:
+def kernel_times(exe, args) -> dict:
+    """One run of `exe(args)` under `jax.profiler`: GPU kernels of that run by name (count,
+    total and mean us), their busy sum and the run's span, so a per-call time splits into
+    kernel time and time between kernels."""
+    import collections
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    trace_dir = tempfile.mkdtemp(prefix="attn_trace")
+    jax.profiler.start_trace(trace_dir)
+    jax.block_until_ready(exe(args))
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    kernels = []
+    for plane in ProfileData.from_file(path).planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if "tream" in line.name:
+                    kernels += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+    if not kernels:
+        return {"error": "no kernel events in the trace"}
+    kernels.sort()
+    by = collections.defaultdict(lambda: [0, 0.0])
+    for _, dur, name in kernels:
+        by[name.split("(")[0][:60]][0] += 1
+        by[name.split("(")[0][:60]][1] += dur / 1e3
+    span = (kernels[-1][0] + kernels[-1][1] - kernels[0][0]) / 1e3
+    busy = sum(d for _, d, _ in kernels) / 1e3
+    return {
+        "span_us": span,
+        "busy_us": busy,
+        "kernels": {k: {"n": n, "us": us, "mean_us": us / n} for k, (n, us) in by.items()},
+    }
+
+
+def _run(job: Job, compiled, *, reps: int, smoke: bool, key, trace: bool = False) -> dict:
     r, c = job.plan(smoke)
     row = {"group": job.group, "name": job.name, "impl": job.impl, **job.extra}
     if job.block_sizes is not None:
@@ -136,6 +173,8 @@ def _run(job: Job, compiled, *, reps: int, smoke: bool, key) -> dict:
             jax.block_until_ready(exe(copies))
             ts.append(time.perf_counter() - t0)
         t = statistics.median(ts) / r
+        if trace:
+            row["trace"] = kernel_times(exe, copies)
     except Exception as e:
         row["error"] = f"run: {type(e).__name__}: {str(e)[:300]}"
         print(f"failed: {job.group} {job.name} {job.impl} {job.block_sizes}: {row['error']}")
@@ -150,7 +189,9 @@ def _run(job: Job, compiled, *, reps: int, smoke: bool, key) -> dict:
     return row
 
 
-def run_jobs(jobs: list[Job], *, reps: int, smoke: bool, workers: int) -> list[dict]:
+def run_jobs(
+    jobs: list[Job], *, reps: int, smoke: bool, workers: int, trace: bool = False
+) -> list[dict]:
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(_compile, j, smoke) for j in jobs]
@@ -164,11 +205,23 @@ def run_jobs(jobs: list[Job], *, reps: int, smoke: bool, workers: int) -> list[d
     key = jax.random.PRNGKey(0)
     rows = []
     for i, (job, comp) in enumerate(zip(jobs, compiled, strict=True)):
-        rows.append(_run(job, comp, reps=reps, smoke=smoke, key=jax.random.fold_in(key, i)))
+        traced = trace and job.group == "decode" and job.impl == "kernel"
+        key_i = jax.random.fold_in(key, i)
+        rows.append(_run(job, comp, reps=reps, smoke=smoke, key=key_i, trace=traced))
         r = rows[-1]
         if "us" in r:
             print(
                 f"{job.group:9s} {job.name:36s} {job.impl:9s} {r['us']:10.1f} us  {_bs(r)}",
+                flush=True,
+            )
+        if "trace" in r and "kernels" in r["trace"]:
+            tr, calls = r["trace"], r["calls"]
+            parts = ", ".join(
+                f"{k} x{v['n']} {v['mean_us']:.2f} us" for k, v in tr["kernels"].items()
+            )
+            print(
+                f"  trace: per call {tr['span_us'] / calls:.2f} us span, "
+                f"{tr['busy_us'] / calls:.2f} us in kernels; {parts}",
                 flush=True,
             )
     return rows
@@ -349,6 +402,13 @@ def _decode_candidates(d: int, rows: int = 16) -> list[da.BlockSizes]:
             out.append(da.BlockSizes(bk, splits, 4, 2))
     out += [da.BlockSizes(32, 64, 4, 3), da.BlockSizes(32, 64, 8, 2), da.BlockSizes(16, 64, 4, 4)]
     out += [da.BlockSizes(32, 64, 4, 1), da.BlockSizes(64, 64, 4, 1)]
+    # Short caches (4K: 256 blocks of 16) leave each of 128 programs a few steps: more splits,
+    # deeper pipelines and other warp counts.
+    for bk in (16, 32):
+        for splits in (64, 128, 256):
+            for warps, stages in ((4, 4), (8, 4), (2, 4), (8, 2), (4, 3)):
+                out.append(da.BlockSizes(bk, splits, warps, stages))
+    out = list(dict.fromkeys(out))
     return [c for c in out if _fits(rows, c.block_k, d, c.num_stages)]
 
 
@@ -519,6 +579,10 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", help="prefill T values, comma-separated (default 2048,8192,32768)")
     p.add_argument("--workers", type=int, default=8, help="parallel compiles")
     p.add_argument("--smoke", action="store_true", help="CPU, interpret mode, tiny shapes")
+    p.add_argument(
+        "--trace", action="store_true", help="decode: per-kernel times from a profiler trace"
+    )
+    p.add_argument("--decode-cases", help="decode cases to run, e.g. 4096:4095 (S:pos, D=512)")
     a = p.parse_args(argv)
 
     backend = jax.default_backend()
@@ -539,6 +603,9 @@ def main(argv=None) -> int:
             (512, 100_000, 256, True),
         ]
         nr_seqs, reps = [1, 2048, 8192], a.reps
+        if a.decode_cases:
+            pairs = [tuple(int(v) for v in c.split(":")) for c in a.decode_cases.split(",")]
+            dec = [(s, pos, 512, False) for s, pos in pairs]
 
     jobs = [] if a.smoke else [copy_job()]
     if "prefill" in only:
@@ -549,7 +616,7 @@ def main(argv=None) -> int:
         jobs += norm_rope_jobs(nr_seqs, interpret=interpret, sweep=a.sweep)
 
     t0 = time.perf_counter()
-    rows = run_jobs(jobs, reps=reps, smoke=a.smoke, workers=a.workers)
+    rows = run_jobs(jobs, reps=reps, smoke=a.smoke, workers=a.workers, trace=a.trace)
     errors = {}
     if "prefill" in only:
         t_err = seqs[0]
