@@ -1,0 +1,148 @@
+"""Why do batch-1 K-quant matvecs run below the memory bandwidth? (GPU machine, under ncu.)
+
+One E4B gate|up-sized weight (20480 x 2560) per format, random, and one activation row; each
+variant below runs `--reps` times, in this order, so that an Nsight Compute log of the process
+lists its kernels in a known order:
+
+    ncu --clock-control none --csv --log-file ncu.csv -k regex:'reduce|qmatmul' \
+        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,... \
+        python3 benchmarks/matvec_probe.py
+    python3 benchmarks/matvec_probe.py --summarize ncu.csv
+
+Variants (the first of each format is what the model runs; the others are diagnostics that
+take pieces away, so the difference says what a piece costs; they are not correct matvecs):
+- `q8_0`: `matvec.matvec` on Q8_0 (the format XLA runs near bandwidth);
+- `q4_k`: `matvec.matvec` on Q4_K;
+- `q4_k_f32_scales`: Q4_K with its sub-block scales and mins given as f32 arrays (no scale
+  arithmetic per element; more bytes);
+- `q4_k_no_min`: Q4_K without the min term;
+- `q4_k_nibbles`: the nibbles times x only (no scales at all): the floor of the 4-bit reduction;
+- `q6_k`: `matvec.matvec` on Q6_K;
+- `pallas_q4_k`: the Pallas vector kernel on the same Q4_K weight (and its split sum).
+Without ncu it prints a wall time per variant (median of `--reps` synchronous calls, host
+overhead included: only for orientation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 2560
+VARIANTS = (
+    "q8_0",
+    "q4_k",
+    "q4_k_f32_scales",
+    "q4_k_no_min",
+    "q4_k_nibbles",
+    "q6_k",
+    "pallas_q4_k",
+)
+
+
+def _variants(N: int):
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import jax
+    import jax.numpy as jnp
+    from random_model import _HostRng, random_tensor
+
+    from gemma4_jax import matvec
+    from pallas_kernels import qmatmul as qk
+
+    rng = _HostRng(0)
+    w = {f: jax.device_put(random_tensor(rng, f, (N, K), 0.02)) for f in ("Q8_0", "Q4_K", "Q6_K")}
+    x = jax.device_put(rng.normal((1, K)).astype(jnp.bfloat16))
+    q4 = w["Q4_K"]
+    nb = K // 256
+    qs = q4.qs.reshape(N, nb, 4, 32)
+    scale, mins = matvec._k_scales(q4, nb)  # [N, nb, 4, 2, 1] f32
+    scale, mins = jax.device_put(scale), jax.device_put(mins)
+
+    def f32_scales(x, qs, scale, mins):
+        xs = x.reshape(nb, 4, 2, 32).astype(jnp.float32)
+        lo = scale[..., 0, :] * (qs & 0x0F).astype(jnp.float32) - mins[..., 0, :]
+        hi = scale[..., 1, :] * (qs >> 4).astype(jnp.float32) - mins[..., 1, :]
+        return jnp.sum((lo * xs[:, :, 0] + hi * xs[:, :, 1]).reshape(N, -1), axis=-1)
+
+    def no_min(x, w):
+        xs = x.reshape(nb, 4, 2, 32).astype(jnp.float32)
+        s, _ = matvec._k_scales(w, nb)
+        q = w.qs.reshape(N, nb, 4, 32)
+        lo = s[..., 0, :] * (q & 0x0F).astype(jnp.float32)
+        hi = s[..., 1, :] * (q >> 4).astype(jnp.float32)
+        return jnp.sum((lo * xs[:, :, 0] + hi * xs[:, :, 1]).reshape(N, -1), axis=-1)
+
+    def nibbles(x, qs):
+        xs = x.reshape(nb, 4, 2, 32).astype(jnp.float32)
+        lo = (qs & 0x0F).astype(jnp.float32)
+        hi = (qs >> 4).astype(jnp.float32)
+        return jnp.sum((lo * xs[:, :, 0] + hi * xs[:, :, 1]).reshape(N, -1), axis=-1)
+
+    fields = {k: getattr(q4, k) for k in ("qs", "d", "dmin", "sc", "m")}
+    interpret = jax.default_backend() != "gpu"  # a CPU smoke run
+    pallas = jax.jit(lambda x, f: qk.qmatmul(x, "Q4_K", f, interpret=interpret))
+    mv = jax.jit(matvec.matvec)
+    return {
+        "q8_0": (mv, (x, w["Q8_0"])),
+        "q4_k": (mv, (x, q4)),
+        "q4_k_f32_scales": (jax.jit(f32_scales), (x, qs, scale, mins)),
+        "q4_k_no_min": (jax.jit(no_min), (x, q4)),
+        "q4_k_nibbles": (jax.jit(nibbles), (x, qs)),
+        "q6_k": (mv, (x, w["Q6_K"])),
+        "pallas_q4_k": (pallas, (x, fields)),
+    }
+
+
+def run(reps: int, n: int) -> None:
+    import jax
+
+    fns = _variants(n)
+    for name in VARIANTS:  # compile and warm everything first: ncu then sees only the reps
+        fn, args = fns[name]
+        jax.block_until_ready(fn(*args))
+    print("order of timed kernels: " + ", ".join(f"{v} x{reps}" for v in VARIANTS), flush=True)
+    for name in VARIANTS:
+        fn, args = fns[name]
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - t0)
+        print(f"{name:18s} wall {1e6 * statistics.median(ts):8.1f} us (host included)", flush=True)
+
+
+def summarize(path: Path) -> str:
+    """ncu --csv log (one row per kernel and metric) -> one markdown row per kernel launch."""
+    with open(path, newline="") as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    launches: dict[str, dict] = {}
+    for r in csv.DictReader(lines):
+        row = launches.setdefault(r["ID"], {"kernel": r["Kernel Name"].split("(")[0][:40]})
+        row[r["Metric Name"]] = r["Metric Value"]
+    metrics = sorted({m for row in launches.values() for m in row if m != "kernel"})
+    out = ["| id | kernel | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    for i, row in launches.items():
+        out.append(f"| {i} | `{row['kernel']}` | " + " | ".join(row.get(m, "") for m in metrics))
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--n", type=int, default=20480, help="weight rows (K is 2560)")
+    ap.add_argument("--summarize", type=Path, help="an ncu --csv log of this script")
+    a = ap.parse_args()
+    if a.summarize:
+        print(summarize(a.summarize))
+    else:
+        run(a.reps, a.n)
+
+
+if __name__ == "__main__":
+    main()
