@@ -45,6 +45,23 @@ VARIANTS = (
 )
 
 
+# Pallas vector-kernel tiles (kernel, block_m, block_n, block_k, split_k, num_warps, stages).
+PALLAS_TILES = (
+    ("vector", 1, 64, 256, 2, 4, 3),
+    ("vector", 1, 16, 256, 1, 4, 3),
+    ("vector", 1, 32, 512, 1, 4, 3),
+    ("vector", 1, 16, 1024, 1, 4, 1),
+    ("vector", 1, 32, 256, 1, 8, 3),
+    ("vector", 1, 128, 256, 4, 4, 3),
+)
+
+
+def qtiles_fields(w) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(w)]
+
+
 def _variants(N: int):
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -88,7 +105,17 @@ def _variants(N: int):
     interpret = jax.default_backend() != "gpu"  # a CPU smoke run
     pallas = jax.jit(lambda x, f: qk.qmatmul(x, "Q4_K", f, interpret=interpret))
     mv = jax.jit(matvec.matvec)
-    return {
+    tiles = {}
+    for fmt in ("Q8_0", "Q4_K"):
+        f = {k: getattr(w[fmt], k) for k in qtiles_fields(w[fmt])}
+        for bs in PALLAS_TILES:
+            fn = jax.jit(
+                lambda x, f, fmt=fmt, bs=bs: qk.qmatmul(
+                    x, fmt, f, interpret=interpret, block_sizes=qk.BlockSizes(*bs)
+                )
+            )
+            tiles[f"pallas_{fmt.lower()}_" + "_".join(map(str, bs))] = (fn, (x, f))
+    return tiles | {
         "q8_0": (mv, (x, w["Q8_0"])),
         "q4_k": (mv, (x, q4)),
         "q4_k_f32_scales": (jax.jit(f32_scales), (x, qs, scale, mins)),
@@ -99,15 +126,18 @@ def _variants(N: int):
     }
 
 
-def run(reps: int, n: int) -> None:
+def run(reps: int, n: int, only: str | None) -> None:
     import jax
 
     fns = _variants(n)
-    for name in VARIANTS:  # compile and warm everything first: ncu then sees only the reps
+    import fnmatch
+
+    names = [v for v in fns if only is None or any(fnmatch.fnmatch(v, o) for o in only.split(","))]
+    for name in names:  # compile and warm everything first: ncu then sees only the reps
         fn, args = fns[name]
         jax.block_until_ready(fn(*args))
-    print("order of timed kernels: " + ", ".join(f"{v} x{reps}" for v in VARIANTS), flush=True)
-    for name in VARIANTS:
+    print("order of timed kernels: " + ", ".join(f"{v} x{reps}" for v in names), flush=True)
+    for name in names:
         fn, args = fns[name]
         ts = []
         for _ in range(reps):
@@ -136,12 +166,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n", type=int, default=20480, help="weight rows (K is 2560)")
+    ap.add_argument("--only", help="comma-separated name patterns, e.g. 'q8_0,pallas*'")
     ap.add_argument("--summarize", type=Path, help="an ncu --csv log of this script")
     a = ap.parse_args()
     if a.summarize:
         print(summarize(a.summarize))
     else:
-        run(a.reps, a.n)
+        run(a.reps, a.n, a.only)
 
 
 if __name__ == "__main__":
