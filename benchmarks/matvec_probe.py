@@ -47,6 +47,7 @@ VARIANTS = (
 
 # Pallas vector-kernel tiles (kernel, block_m, block_n, block_k, split_k, num_warps, stages).
 PALLAS_TILES = (
+    (None,) * 7,  # the heuristic's choice
     ("vector", 1, 64, 256, 2, 4, 3),
     ("vector", 1, 16, 256, 1, 4, 3),
     ("vector", 1, 32, 512, 1, 4, 3),
@@ -114,7 +115,8 @@ def _variants(N: int):
                     x, fmt, f, interpret=interpret, block_sizes=qk.BlockSizes(*bs)
                 )
             )
-            tiles[f"pallas_{fmt.lower()}_" + "_".join(map(str, bs))] = (fn, (x, f))
+            label = "default" if bs[0] is None else "_".join(map(str, bs))
+            tiles[f"pallas_{fmt.lower()}_{label}"] = (fn, (x, f))
     return tiles | {
         "q8_0": (mv, (x, w["Q8_0"])),
         "q4_k": (mv, (x, q4)),

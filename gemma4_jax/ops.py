@@ -11,7 +11,8 @@ reductions over the packed bytes (matvec.py), prefill as dequantize+dot). The mo
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
 takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL, GEMMA4_JAX_PACKED_MATVEC,
-GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM, GEMMA4_JAX_ATTN_COMBINE; for A/B runs)
+GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM, GEMMA4_JAX_ATTN_COMBINE,
+GEMMA4_JAX_PALLAS_MATVEC; for A/B runs)
 are also read at trace time but are NOT part of any cache key: set them before the first call,
 or call `jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
@@ -96,15 +97,34 @@ def _batched_decode(x: jax.Array) -> bool:
     return lo <= math.prod(x.shape[:-1]) <= hi and not (x.ndim >= 3 and x.shape[-2] > 1)
 
 
-def _pallas_matmul(batched_decode: bool = False) -> bool:
+def _pallas_matmul(batched_decode: bool = False, x=None, fmt: str | None = None) -> bool:
     """Pallas quantized matmuls: always in `pallas` mode; in `auto` mode for batched decode
-    (GEMMA4_JAX_BATCH_QMATMUL=0 turns that off, for A/B runs)."""
+    (GEMMA4_JAX_BATCH_QMATMUL=0 turns that off, for A/B runs) and for one-row calls on the
+    formats GEMMA4_JAX_PALLAS_MATVEC lists (`_pallas_matvec_formats`)."""
     mode = kernel_mode()
     if mode == "pallas":
         return True
-    return (
-        mode == "auto" and batched_decode and os.environ.get("GEMMA4_JAX_BATCH_QMATMUL", "1") != "0"
-    )
+    if mode != "auto":
+        return False
+    if batched_decode and os.environ.get("GEMMA4_JAX_BATCH_QMATMUL", "1") != "0":
+        return True
+    return x is not None and _one_row(x) and fmt in _pallas_matvec_formats()
+
+
+def _one_row(x) -> bool:
+    return math.prod(x.shape[:-1]) == 1
+
+
+def _pallas_matvec_formats() -> tuple[str, ...]:
+    """GEMMA4_JAX_PALLAS_MATVEC: comma-separated ggml types whose batch-1 matmuls take the
+    Pallas vector kernel in `auto` mode (stacks read in place) instead of XLA's reductions
+    (matvec.py). Default none; an A/B switch read at trace time."""
+    env = os.environ.get("GEMMA4_JAX_PALLAS_MATVEC", "").strip()
+    fmts = tuple(f.strip().upper() for f in env.split(",") if f.strip())
+    bad = [f for f in fmts if f not in _PALLAS_MATMUL_TYPES]
+    if bad:
+        raise ValueError(f"GEMMA4_JAX_PALLAS_MATVEC names {bad}, not in {_PALLAS_MATMUL_TYPES}")
+    return fmts
 
 
 # ---------------------------------------------------------------------------- meshes
@@ -191,6 +211,8 @@ def keep_stacked(w: quant.QTensor, rows: int) -> bool:
         return False
     if kernel_mode() == "pallas":  # every matmul is a Pallas call
         return True
+    if rows == 1 and w.ggml_type in _pallas_matvec_formats():
+        return True
     return rows >= AUTO_PALLAS_ROWS[0] or w.ggml_type in ("Q4_K", "Q5_K", "Q6_K")
 
 
@@ -221,14 +243,16 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
         # The same rule as below, with the stack read in place. (`auto` keeps batch 1 on XLA:
         # the vector kernel in place measured slower there, Q4_K_M 194 vs 206 tok/s, Q8_0 221
         # vs 265; RESULTS.md run n.)
-        if _pallas_matmul(batched) and stack.ggml_type in _PALLAS_MATMUL_TYPES and _mesh() is None:
+        use = _pallas_matmul(batched, x, stack.ggml_type)
+        if use and stack.ggml_type in _PALLAS_MATMUL_TYPES and _mesh() is None:
             from pallas_kernels import qmatmul as qk
 
             return qk.stacked_qmatmul(
                 x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret()
             )
         w = w.take()
-    if _pallas_matmul(batched) and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
+    use = _pallas_matmul(batched, x, w.ggml_type)
+    if use and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
         from pallas_kernels import qmatmul as qk
 
         lead = x.shape[:-1]

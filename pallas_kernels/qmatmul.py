@@ -88,6 +88,7 @@ DECODE_MAX_M = 64  # up to this: small mma tiles + split-K; above: prefill tiles
 GATHER_MAX_PAIRS = 16  # grouped: up to this many (token, choice) pairs, one vector row each
 # Programs a bandwidth-bound launch should have (132 SMs x a few resident programs each).
 _TARGET_PROGRAMS = 512
+_SMS = 132  # H100 SXM
 _MIN_DOT = 16  # Triton dots need every dimension >= 16
 
 
@@ -124,7 +125,15 @@ class BlockSizes:
         kernel = self.kernel or ("vector" if m <= VECTOR_MAX_M else "mma")
         if kernel not in ("vector", "mma"):
             raise ValueError(f"{kernel=} must be 'vector' or 'mma'")
-        if kernel == "vector":
+        if kernel == "vector" and m == 1:
+            # One row (batch-1 decode): 16 rows of W per program and no split unless that
+            # leaves under half the SMs a program (no partial sums, no extra launch); 4 KiB
+            # of Q8_0 / Q4_K bytes per loop step, prefetched a step ahead (see the kernel).
+            # Nsight Compute, 20480 x 2560 (RESULTS.md): 64-row tiles took 255 registers
+            # per thread and ran at 11% occupancy.
+            bm, bn, warps, stages = 1, 16, 4, 1
+            bk = 512 if spec.block == 256 else 256
+        elif kernel == "vector":
             bm = max(1, min(m, VECTOR_MAX_M))
             bn, warps, stages = 64, 4, 3
             # The f32 accumulators hold bm x [bn, block_k / S] elements: keep them at <= 64
@@ -164,6 +173,9 @@ class BlockSizes:
             sk = max(1, min(self.split_k, steps))
         elif not split or m > DECODE_MAX_M:
             sk = 1
+        elif kernel == "vector" and m == 1:
+            tiles = pl.cdiv(n, bn)
+            sk = 1 if tiles >= _SMS // 2 else max(1, min(steps, pl.cdiv(_SMS, tiles)))
         else:
             tiles = pl.cdiv(n, bn) * pl.cdiv(m, bm)
             sk = max(1, min(steps, pl.cdiv(_TARGET_PROGRAMS, tiles)))
@@ -208,16 +220,47 @@ def _k_range(pid_s, *, steps: int, split: int):
     return lax.div(pid_s * steps, split), lax.div((pid_s + 1) * steps, split)
 
 
+class _TileLoads:
+    """Field access for ``qtiles.tile_runs`` that either loads and records every array it reads
+    (``replay=None``) or hands back, in the same order, arrays loaded earlier: how the vector
+    kernel prefetches the next loop step's tile into registers while it computes this one."""
+
+    def __init__(self, refs, replay=None):
+        self.refs, self.replay, self.loaded, self.replayed = refs, replay, [], 0
+
+    def __getitem__(self, name):
+        return _FieldLoads(self, name)
+
+
+class _FieldLoads:
+    def __init__(self, owner: _TileLoads, name: str):
+        self.owner, self.name = owner, name
+
+    def __getitem__(self, index):
+        o = self.owner
+        if o.replay is not None:
+            o.replayed += 1
+            return o.replay[o.replayed - 1]
+        value = o.refs[self.name][index]
+        o.loaded.append(value)
+        return value
+
+
 def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm):
     """CUDA-core matvec over one ``[bn]``-row tile of W and one K split.
 
     refs (in order):
       experts_ref: [P] int32 expert of each pair (grouped only)
       xrow_ref: [P] int32 row of x of each pair (grouped only)
-      x_ref: [Mp, K/B, S, R] f32
+      x_ref: [Mp, K/B, S, R] in x's dtype (converted here: no separate XLA convert launch)
       *field refs: ``qtiles.field_views`` of W, ``[(E,) N, K/B, ...]``
       o_ref: [split, Mp, N] f32 if split > 1 else [Mp, N] x.dtype
     grid: (cdiv(N, bn), Mp / bm (pairs if grouped), split)
+
+    The loop is software-pipelined by hand: step t's weight bytes are loaded (into registers)
+    during step t - 1, so each program always has a tile in flight. Without it a program
+    waited for every tile it had just asked for, and the kernel ran latency-bound (Nsight
+    Compute, 20480 x 2560 Q4_K: 30% of DRAM bandwidth at 46% issue utilisation).
     """
     if grouped:
         experts_ref, xrow_ref, x_ref, *w_refs, o_ref = refs
@@ -236,18 +279,31 @@ def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm
         x_rows = out_rows = [pid_m * bm + i for i in range(bm)]
     r = qtiles.get_format(fmt).run
 
-    def body(t, accs):
-        blocks = pl.ds(pl.multiple_of(t * nbk, nbk), nbk)
-        runs = qtiles.tile_runs(fmt, w_refs, (*lead, blocks), asm=asm)  # S x [bn, nbk, R]
-        accs = list(accs)
-        for j, w in enumerate(runs):
-            for i, xr in enumerate(x_rows):
-                accs[i] = accs[i] + w * x_ref[xr, blocks, j, :][None]  # x: [nbk, R]
-        return tuple(accs)
+    def blocks(t):
+        start = t * nbk
+        return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, nbk), nbk)
+
+    def fetch(t):  # every array step t reads (its dequantization is traced, then dead code)
+        loads = _TileLoads(w_refs)
+        qtiles.tile_runs(fmt, loads, (*lead, blocks(t)), asm=False)
+        return tuple(loads.loaded)
 
     lo, hi = _k_range(pid_s, steps=steps, split=split)
+
+    def body(t, carry):
+        accs, tile = carry
+        ahead = fetch(jnp.minimum(t + 1, hi - 1))  # the last step re-reads its own tile (L2)
+        runs = qtiles.tile_runs(fmt, _TileLoads(w_refs, tile), (*lead, blocks(t)), asm=asm)
+        accs = list(accs)
+        for j, w in enumerate(runs):  # S x [bn, nbk, R]
+            for i, xr in enumerate(x_rows):
+                x = x_ref[xr, blocks(t), j, :].astype(jnp.float32)  # [nbk, R]
+                accs[i] = accs[i] + w * x[None]
+        return tuple(accs), ahead
+
     zeros = jnp.zeros((bn, nbk, r), jnp.float32)
-    accs = lax.fori_loop(lo, hi, body, (zeros,) * len(x_rows))
+    # Every split has at least one step (split_k <= steps), so step `lo` is in bounds.
+    accs, _ = lax.fori_loop(lo, hi, body, ((zeros,) * len(x_rows), fetch(lo)))
     for acc, orow in zip(accs, out_rows, strict=True):
         y = acc.sum(axis=2).sum(axis=1)  # [bn]
         if split > 1:
@@ -383,7 +439,7 @@ def _vector_call(x2, fmt, views, n, bs, interpret, *, experts=None, x_rows=None)
         m_programs = pl.cdiv(x2.shape[0], bm)
         mp = rows_out = m_programs * bm
         pre = []
-    xv = _x_view(x2, fmt, mp, jnp.float32)
+    xv = _x_view(x2, fmt, mp, x2.dtype)
     split, nbk = bs.split_k, bs.block_k // spec.block
     out_shape = (split, rows_out, n) if split > 1 else (rows_out, n)
     out_dtype = jnp.float32 if split > 1 else x2.dtype

@@ -253,6 +253,23 @@ def test_grouped_lowers_for_cuda(t):
     _lower_for_cuda(lambda x, f, i: qm.grouped_qmatmul(x, "Q4_K", f, i), x, f, ids)
 
 
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K", "Q6_K"])
+def test_stacked_one_row_lowers_for_cuda(fmt):
+    # The batch-1 path of the model's layer scan: the vector kernel on a [L, N, K] stack.
+    f = _abstract_fields(fmt, (8,), 10240, 2560)
+    x = jax.ShapeDtypeStruct((1, 1, 2560), jnp.bfloat16)
+    layer = jax.ShapeDtypeStruct((), jnp.int32)
+    _lower_for_cuda(lambda x, f, i: qm.stacked_qmatmul(x, fmt, f, i), x, f, layer)
+
+
+def test_one_row_tiles():
+    # Batch 1: 16-row tiles, no split while that leaves >= 66 programs (no partial-sum launch).
+    bs = qm.BlockSizes().resolve("Q8_0", m=1, n=2048, k=2560)
+    assert (bs.kernel, bs.block_n, bs.block_k, bs.split_k) == ("vector", 16, 256, 1)
+    assert qm.BlockSizes().resolve("Q4_K", m=1, n=20480, k=2560).block_k == 512
+    assert qm.BlockSizes().resolve("Q8_0", m=1, n=256, k=2560).split_k == 9
+
+
 def test_field_validation():
     fields = random_fields("Q4_K", (), 16, 256)
     with pytest.raises(ValueError, match="needs fields"):

@@ -85,6 +85,27 @@ def test_auto_mode_dispatch_matches_reference():
     _check(out, ref, jnp.bfloat16)
 
 
+def test_pallas_matvec_switch_routes_one_row_to_the_kernel(monkeypatch):
+    # GEMMA4_JAX_PALLAS_MATVEC (an A/B switch): batch-1 calls on the listed formats take the
+    # Pallas vector kernel in `auto` mode (interpret mode here), the others stay on XLA.
+    from pallas_kernels import qmatmul as qk
+
+    calls = []
+    real = qk.qmatmul
+    monkeypatch.setattr(qk, "qmatmul", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    monkeypatch.setenv("GEMMA4_JAX_PALLAS_MATVEC", "q8_0,Q4_K")
+    x = random_x((1, 1, 512), jnp.float32, seed=3)
+    for fmt in ("Q8_0", "Q4_K", "Q6_K"):
+        w = _weight(fmt, 24, 512, seed=9)
+        with ops.use_kernels("auto"):
+            out = ops.matmul(x, w)
+        _check(out, quant.matmul_reference(x, w), jnp.float32)
+    assert calls == ["Q8_0", "Q4_K"]
+    monkeypatch.setenv("GEMMA4_JAX_PALLAS_MATVEC", "Q9_X")
+    with pytest.raises(ValueError, match="GEMMA4_JAX_PALLAS_MATVEC"), ops.use_kernels("auto"):
+        ops.matmul(x, w)
+
+
 @pytest.mark.parametrize(
     "shape,kernel",
     [
