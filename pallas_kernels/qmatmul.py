@@ -12,10 +12,13 @@ What is notable here:
   * ``vector`` (M <= 4, batch-1 decode): CUDA-core multiply-add. A program owns ``block_n``
     rows of W and a range of K; it dequantizes ``[block_n, block_k/B, R]`` run tiles in f32
     and accumulates ``w * x`` elementwise in registers (x viewed as ``[M, K/B, S, R]``, a free
-    reshape), reducing across lanes once at the end. Per weight: ~1.3 integer instructions
-    (inline-PTX ``prmt`` code extraction), an FADD (magic-number float), an FMA for scale and
-    min, an FMA per row of x: ~5.5 instructions for Q4_K on sm_90 (SASS counted with Triton
-    3.6), inside the issue budget of 2.15 TB/s. Tensor cores would idle 15/16 of their rows.
+    reshape), reducing across lanes once at the end. Per weight, the arithmetic is ~1.3
+    integer instructions (inline-PTX ``prmt`` code extraction), an FADD (magic-number float),
+    an FMA for scale and min and an FMA per row of x, but Nsight Compute counts ~7 (Q8_0) and
+    ~10 (Q4_K) executed instructions per weight with the addressing and layout work, at ~30%
+    occupancy (80-96 registers): at 20480 x 2560 it reaches 63% (Q8_0) and 33% (Q4_K) of the
+    DRAM peak, issue-bound, not memory-bound (RESULTS.md run r). The next step's tile is
+    loaded a step ahead (``_TileLoads``). Tensor cores would idle 15/16 of their rows.
   * ``mma`` with small tiles (4 < M <= 64, batched decode) and large tiles (M > 64, prefill):
     each loop step dequantizes ``block_k`` K elements of ``block_n`` rows (f32, then x.dtype)
     and contracts them with ONE ``dot`` (``qtiles.join_runs`` interleaves the runs; x comes
@@ -25,7 +28,8 @@ What is notable here:
     compute-bound; dequantization is paid once per W tile and amortised over ``block_m`` rows.
   * Decode-sized grids are too small for 132 SMs (N=2048 is 32 tiles of 64 rows), so the K
     range is **split** over a third grid axis; the f32 partial sums ``[split, M, N]`` are added
-    by XLA (which can fuse that sum into the consumer).
+    by XLA (which can fuse that sum into the consumer). One row of x takes 16-row tiles and
+    splits only when that leaves fewer than 66 programs (a split costs a second launch).
 - **Ragged N without masks.** The last N tile is shifted back to end at row N (it overlaps its
   neighbour, whose rows it recomputes bit-identically), so no load or store is ever partial;
   only N < 16 is padded. M is padded to the tile (x is tiny). K is always whole blocks.
