@@ -40,7 +40,6 @@ VARIANTS = {
     "auto-rn": ("auto", "", {"GEMMA4_JAX_RESIDUAL_NORM": "0"}),
     "auto-le": ("auto", "", {"GEMMA4_JAX_RESIDUAL_NORM": "attn"}),
     "auto-combine": ("auto", "", {"GEMMA4_JAX_ATTN_COMBINE": "jnp"}),
-    "auto+words": ("auto", "", {"GEMMA4_JAX_MATVEC_WORDS": "1"}),
     "auto+pv_q8": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "Q8_0"}),
     "auto+pv_kq": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "Q4_K,Q6_K"}),
     "auto+pv_q4k": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "Q4_K"}),

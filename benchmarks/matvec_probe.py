@@ -18,7 +18,6 @@ take pieces away, so the difference says what a piece costs; they are not correc
 - `q4_k_no_min`: Q4_K without the min term;
 - `q4_k_nibbles`: the nibbles times x only (no scales at all): the floor of the 4-bit reduction;
 - `q6_k`: `matvec.matvec` on Q6_K;
-- `q8_0_words`, `q4_k_words`: the word-wise reductions (`GEMMA4_JAX_MATVEC_WORDS=1`);
 - `pallas_q4_k`: the Pallas vector kernel on the same Q4_K weight (and its split sum).
 Without ncu it prints a wall time per variant (median of `--reps` synchronous calls, host
 overhead included: only for orientation).
@@ -118,12 +117,7 @@ def _variants(N: int):
             )
             label = "default" if bs[0] is None else "_".join(map(str, bs))
             tiles[f"pallas_{fmt.lower()}_{label}"] = (fn, (x, f))
-    words = jax.jit(
-        lambda x, w: matvec._WORD_KERNELS[w.ggml_type](x.reshape(-1).astype(jnp.float32), w)
-    )
     return tiles | {
-        "q8_0_words": (words, (x, w["Q8_0"])),
-        "q4_k_words": (words, (x, q4)),
         "q8_0": (mv, (x, w["Q8_0"])),
         "q4_k": (mv, (x, q4)),
         "q4_k_f32_scales": (jax.jit(f32_scales), (x, qs, scale, mins)),

@@ -14,12 +14,6 @@ one slice per nibble. Each weight value is computed exactly as `dequantize` comp
 f32 operations, so the same value), multiplied by the activation in f32 and summed in f32; only
 the summation order differs from the reference, and the weight is not rounded to bf16 first.
 
-Q8_0 and Q4_K can also reduce over packed 32-bit *words* (`GEMMA4_JAX_MATVEC_WORDS=1`, an A/B
-switch read at trace time): each reduced element is one word of 4 stored bytes (4 Q8_0 or 8
-Q4_K weights), so the index arithmetic of the broadcast scales and of x is paid per word, not
-per weight (Nsight Compute counted 17 executed instructions per Q4_K weight in the byte form,
-issue-bound; RESULTS.md run r). The weight values and products are the same.
-
 `matvec(x, w)` takes `x[..., K]` with a single row (all leading dims 1) and `w[N, K]`;
 `supports(x, w)` says when it applies. ops.matmul uses it in `auto` mode on batch-1 calls.
 """
@@ -27,11 +21,9 @@ issue-bound; RESULTS.md run r). The weight values and products are the same.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from . import quant
 
@@ -52,7 +44,7 @@ def matvec(x: jax.Array, w: quant.QTensor) -> jax.Array:
     if x.shape[-1] != w.shape[-1]:
         raise ValueError(f"{x.shape=} does not contract with weight shape {w.shape} over K")
     xf = x.reshape(-1).astype(jnp.float32)
-    y = _kernel(w.ggml_type)(xf, w)
+    y = _KERNELS[w.ggml_type](xf, w)
     return y.astype(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -150,56 +142,4 @@ def _q6_k(x, w):
     return _sum(acc)
 
 
-def _words(a, *shape) -> jax.Array:
-    """A byte field `[N, ...]` as little-endian uint32 words `[N, *shape]` (4 bytes each)."""
-    a = jnp.asarray(a)
-    if a.dtype == jnp.int8:
-        a = lax.bitcast_convert_type(a, jnp.uint8)
-    return lax.bitcast_convert_type(_rows(a, *shape, 4), jnp.uint32)
-
-
-def _q8_0_words(x, w):
-    # Word v of block b holds elements 4v..4v+3; byte t is the signed code of element 4v + t.
-    nb = w.shape[1] // 32
-    words = _words(w.qs, nb, 8)
-    d = _f32(_rows(w.d, nb, 1))
-    xs = x.reshape(nb, 8, 4)
-    acc = None
-    for t in range(4):
-        q = (lax.bitcast_convert_type(words << (24 - 8 * t), jnp.int32) >> 24).astype(jnp.float32)
-        term = q * d * xs[:, :, t]
-        acc = term if acc is None else acc + term
-    return _sum(acc)
-
-
-def _q4_k_words(x, w):
-    # Word v of chunk c holds bytes 4v..4v+3 of the chunk: byte t's low nibble is element
-    # 64c + 4v + t (sub-block 2c), its high nibble element 64c + 32 + 4v + t (sub-block 2c + 1).
-    nb = w.shape[1] // 256
-    words = _words(w.qs, nb, 4, 8)
-    scale, mins = _k_scales(w, nb)  # [N, nb, 4, 2, 1]
-    xs = x.reshape(nb, 4, 2, 8, 4)
-    acc = None
-    for t in range(4):
-        lo = scale[..., 0, :] * ((words >> (8 * t)) & 15).astype(jnp.float32) - mins[..., 0, :]
-        hi = scale[..., 1, :] * ((words >> (8 * t + 4)) & 15).astype(jnp.float32) - mins[..., 1, :]
-        term = lo * xs[:, :, 0, :, t] + hi * xs[:, :, 1, :, t]
-        acc = term if acc is None else acc + term
-    return _sum(acc)
-
-
-def _use_words() -> bool:
-    mode = os.environ.get("GEMMA4_JAX_MATVEC_WORDS", "0")
-    if mode not in ("0", "1"):
-        raise ValueError(f"GEMMA4_JAX_MATVEC_WORDS={mode!r} is not '0' or '1'")
-    return mode == "1"
-
-
-def _kernel(fmt: str):
-    if _use_words() and fmt in _WORD_KERNELS:
-        return _WORD_KERNELS[fmt]
-    return _KERNELS[fmt]
-
-
 _KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
-_WORD_KERNELS = {"Q8_0": _q8_0_words, "Q4_K": _q4_k_words}
