@@ -29,7 +29,7 @@ What is notable here:
   * Decode-sized grids are too small for 132 SMs (N=2048 is 32 tiles of 64 rows), so the K
     range is **split** over a third grid axis; the f32 partial sums ``[split, M, N]`` are added
     by XLA (which can fuse that sum into the consumer). One row of x takes 16-row tiles and
-    splits only when that leaves fewer than 66 programs (a split costs a second launch).
+    splits until there are two programs per SM.
 - **Ragged N without masks.** The last N tile is shifted back to end at row N (it overlaps its
   neighbour, whose rows it recomputes bit-identically), so no load or store is ever partial;
   only N < 16 is padded. M is padded to the tile (x is tiny). K is always whole blocks.
@@ -130,9 +130,9 @@ class BlockSizes:
         if kernel not in ("vector", "mma"):
             raise ValueError(f"{kernel=} must be 'vector' or 'mma'")
         if kernel == "vector" and m == 1:
-            # One row (batch-1 decode): 16 rows of W per program and no split unless that
-            # leaves under half the SMs a program (no partial sums, no extra launch); 4 KiB
-            # of Q8_0 / Q4_K bytes per loop step, prefetched a step ahead (see the kernel).
+            # One row (batch-1 decode): 16 rows of W per program, split over K only up to two
+            # programs per SM (below); 4 KiB of Q8_0 / Q4_K bytes per loop step, prefetched a
+            # step ahead (see the kernel).
             # Nsight Compute, 20480 x 2560 (RESULTS.md): 64-row tiles took 255 registers
             # per thread and ran at 11% occupancy.
             bm, bn, warps, stages = 1, 16, 4, 1
@@ -178,8 +178,10 @@ class BlockSizes:
         elif not split or m > DECODE_MAX_M:
             sk = 1
         elif kernel == "vector" and m == 1:
+            # At least two programs per SM: a long-K matrix with few row tiles (the FFN down
+            # projection: 160 tiles, 40 steps each) otherwise leaves the SMs one slow program.
             tiles = pl.cdiv(n, bn)
-            sk = 1 if tiles >= _SMS // 2 else max(1, min(steps, pl.cdiv(_SMS, tiles)))
+            sk = max(1, min(steps, pl.cdiv(2 * _SMS, tiles)))
         else:
             tiles = pl.cdiv(n, bn) * pl.cdiv(m, bm)
             sk = max(1, min(steps, pl.cdiv(_TARGET_PROGRAMS, tiles)))

@@ -263,11 +263,13 @@ def test_stacked_one_row_lowers_for_cuda(fmt):
 
 
 def test_one_row_tiles():
-    # Batch 1: 16-row tiles, no split while that leaves >= 66 programs (no partial-sum launch).
-    bs = qm.BlockSizes().resolve("Q8_0", m=1, n=2048, k=2560)
+    # Batch 1: 16-row tiles, split over K up to two programs per SM (264), never past the steps.
+    bs = qm.BlockSizes().resolve("Q8_0", m=1, n=20480, k=2560)
     assert (bs.kernel, bs.block_n, bs.block_k, bs.split_k) == ("vector", 16, 256, 1)
+    assert qm.BlockSizes().resolve("Q8_0", m=1, n=2560, k=10240).split_k == 2
+    assert qm.BlockSizes().resolve("Q8_0", m=1, n=2048, k=2560).split_k == 3
     assert qm.BlockSizes().resolve("Q4_K", m=1, n=20480, k=2560).block_k == 512
-    assert qm.BlockSizes().resolve("Q8_0", m=1, n=256, k=2560).split_k == 9
+    assert qm.BlockSizes().resolve("Q8_0", m=1, n=256, k=2560).split_k == 10
 
 
 def test_field_validation():
