@@ -6,8 +6,9 @@ chosen by `GEMMA4_JAX_KERNELS` = `reference` | `pallas` | `auto` (default: `auto
 `reference` on CPU; `pallas` on CPU runs the kernels in interpret mode; `auto` uses the Pallas
 attention, norm+RoPE and (decode rows) residual+norm kernels, the grouped expert kernel for MoE
 prefill and the quantized matmul
-kernel for batched decode (8-64 rows), and XLA for the other matmuls: batch-1 ones as
-reductions over the packed bytes (matvec.py), prefill as dequantize+dot). The mode is read when a
+kernel for batched decode (8-64 rows) and for batch-1 Q4_K / Q6_K matmuls
+(`PALLAS_MATVEC_DEFAULT`), and XLA for the other matmuls: other batch-1 ones as reductions
+over the packed bytes (matvec.py), prefill as dequantize+dot). The mode is read when a
 function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
 `generate`) make it part of their jit cache key, so flipping the variable between calls
 takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL, GEMMA4_JAX_PACKED_MATVEC,
@@ -115,11 +116,22 @@ def _one_row(x) -> bool:
     return math.prod(x.shape[:-1]) == 1
 
 
+# Batch-1 matmuls on the Pallas vector kernel in `auto` mode. Measured on the H100 (RESULTS.md
+# run r, E4B, one process): Q4_K_M 216.1 -> 235.1 tok/s with Q4_K and Q6_K on the kernel
+# (XLA's K-quant reductions are issue-bound at ~0.86 TB/s); Q8_0 stays on XLA, whose
+# reductions beat the kernel there (293-297 vs 239-241 tok/s). Q5_K was not measured.
+PALLAS_MATVEC_DEFAULT = ("Q4_K", "Q6_K")
+
+
 def _pallas_matvec_formats() -> tuple[str, ...]:
     """GEMMA4_JAX_PALLAS_MATVEC: comma-separated ggml types whose batch-1 matmuls take the
     Pallas vector kernel in `auto` mode (stacks read in place) instead of XLA's reductions
-    (matvec.py). Default none; an A/B switch read at trace time."""
-    env = os.environ.get("GEMMA4_JAX_PALLAS_MATVEC", "").strip()
+    (matvec.py); "none" for none. Unset: `PALLAS_MATVEC_DEFAULT`. Read at trace time."""
+    env = os.environ.get("GEMMA4_JAX_PALLAS_MATVEC")
+    if env is None:
+        return PALLAS_MATVEC_DEFAULT
+    if env.strip().lower() == "none":
+        return ()
     fmts = tuple(f.strip().upper() for f in env.split(",") if f.strip())
     bad = [f for f in fmts if f not in _PALLAS_MATMUL_TYPES]
     if bad:

@@ -75,8 +75,9 @@ def test_supports_and_errors():
 
 
 def test_auto_mode_dispatch_matches_reference():
-    # ops.matmul routes batch-1 calls through the packed matvec in `auto` mode (the GPU default).
-    w = _weight("Q6_K", 24, 512, seed=5)
+    # ops.matmul routes batch-1 Q8_0 calls through the packed matvec in `auto` mode (the GPU
+    # default; Q4_K / Q6_K take the Pallas vector kernel, tested below).
+    w = _weight("Q8_0", 24, 512, seed=5)
     x = random_x((1, 1, 512), jnp.bfloat16, seed=7)
     with ops.use_kernels("reference"):
         ref = ops.matmul(x, w)
@@ -86,8 +87,8 @@ def test_auto_mode_dispatch_matches_reference():
 
 
 def test_pallas_matvec_switch_routes_one_row_to_the_kernel(monkeypatch):
-    # GEMMA4_JAX_PALLAS_MATVEC (an A/B switch): batch-1 calls on the listed formats take the
-    # Pallas vector kernel in `auto` mode (interpret mode here), the others stay on XLA.
+    # GEMMA4_JAX_PALLAS_MATVEC: batch-1 calls on the listed formats take the Pallas vector
+    # kernel in `auto` mode (interpret mode here), the others stay on XLA.
     from pallas_kernels import qmatmul as qk
 
     calls = []
@@ -101,6 +102,17 @@ def test_pallas_matvec_switch_routes_one_row_to_the_kernel(monkeypatch):
             out = ops.matmul(x, w)
         _check(out, quant.matmul_reference(x, w), jnp.float32)
     assert calls == ["Q8_0", "Q4_K"]
+    calls.clear()  # unset: the default formats; "none": XLA for every format
+    monkeypatch.delenv("GEMMA4_JAX_PALLAS_MATVEC")
+    for fmt in ("Q8_0", "Q4_K", "Q6_K"):
+        with ops.use_kernels("auto"):
+            ops.matmul(x, _weight(fmt, 24, 512, seed=9))
+    assert calls == list(ops.PALLAS_MATVEC_DEFAULT) == ["Q4_K", "Q6_K"]
+    calls.clear()
+    monkeypatch.setenv("GEMMA4_JAX_PALLAS_MATVEC", "none")
+    with ops.use_kernels("auto"):
+        ops.matmul(x, _weight("Q4_K", 24, 512, seed=9))
+    assert calls == []
     monkeypatch.setenv("GEMMA4_JAX_PALLAS_MATVEC", "Q9_X")
     with pytest.raises(ValueError, match="GEMMA4_JAX_PALLAS_MATVEC"), ops.use_kernels("auto"):
         ops.matmul(x, w)

@@ -40,6 +40,8 @@ STACKED_CASES = [
     # stacked weights (ops.LayerSlice -> stacked_qmatmul).
     ("model-Q4_K_M.gguf", 8, "auto", "stacked_qmatmul"),
     ("model-Q8_0.gguf", 8, "auto", "stacked_qmatmul"),
+    # Batch 1, `auto`: Q4_K / Q6_K take the vector kernel on the stack (ops.PALLAS_MATVEC_DEFAULT).
+    ("model-Q4_K_M.gguf", 1, "auto", "stacked_qmatmul"),
     # Batch 1, `pallas`: the vector kernel on the stack (stacked_qmatmul's few-row path).
     ("model-Q4_K_M.gguf", 1, "pallas", "stacked_qmatmul"),
     ("model-Q8_0.gguf", 1, "pallas", "stacked_qmatmul"),
