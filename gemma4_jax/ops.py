@@ -216,7 +216,8 @@ def keep_stacked(w: quant.QTensor, rows: int) -> bool:
     Batched decode: always (H100, RESULTS.md run n: batch 32 2,961 -> 3,265 tok/s, batch 8
     790 -> 969). One row, where XLA's reductions read either form in place, it was measured:
     K-quant stacks are faster taken in the layer body (Q4_K_M 192 -> 206 tok/s), Q8_0 ones as
-    the scan's own slices (273 vs 265), so only the K-quants stay whole. In `pallas` mode every
+    the scan's own slices (273 vs 265), so only the K-quants stay whole (and those the Pallas
+    vector kernel takes at batch 1, `_pallas_matvec_formats`, must). In `pallas` mode every
     stack stays whole. GEMMA4_JAX_STACKED_QMATMUL=0 slices every weight (A/B runs); read when
     decode programs are traced."""
     if not stacked_weights():
