@@ -49,6 +49,9 @@ from pallas_kernels import decode_attention as da  # noqa: E402
 from pallas_kernels import flash_attention as fa  # noqa: E402
 from pallas_kernels import qk_norm_rope as nr  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trace_stats import kernel_times  # noqa: E402
+
 FLUSH_BYTES = 256 << 20
 MAX_RESIDENT_BYTES = 8 << 30  # all copies of one job's inputs
 COPY_BYTES = 512 << 20
@@ -116,43 +119,6 @@ def _compile(job: Job, smoke: bool):
     return exe, time.perf_counter() - t0
 
 
-def kernel_times(exe, args) -> dict:
-    """One run of `exe(args)` under `jax.profiler`: GPU kernels of that run by name (count,
-    total and mean us), their busy sum and the run's span, so a per-call time splits into
-    kernel time and time between kernels."""
-    import collections
-    import glob
-    import tempfile
-
-    from jax.profiler import ProfileData
-
-    trace_dir = tempfile.mkdtemp(prefix="attn_trace")
-    jax.profiler.start_trace(trace_dir)
-    jax.block_until_ready(exe(args))
-    jax.profiler.stop_trace()
-    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
-    kernels = []
-    for plane in ProfileData.from_file(path).planes:
-        if plane.name.startswith("/device:GPU"):
-            for line in plane.lines:
-                if "tream" in line.name:
-                    kernels += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
-    if not kernels:
-        return {"error": "no kernel events in the trace"}
-    kernels.sort()
-    by = collections.defaultdict(lambda: [0, 0.0])
-    for _, dur, name in kernels:
-        by[name.split("(")[0][:60]][0] += 1
-        by[name.split("(")[0][:60]][1] += dur / 1e3
-    span = (kernels[-1][0] + kernels[-1][1] - kernels[0][0]) / 1e3
-    busy = sum(d for _, d, _ in kernels) / 1e3
-    return {
-        "span_us": span,
-        "busy_us": busy,
-        "kernels": {k: {"n": n, "us": us, "mean_us": us / n} for k, (n, us) in by.items()},
-    }
-
-
 def _run(job: Job, compiled, *, reps: int, smoke: bool, key, trace: bool = False) -> dict:
     r, c = job.plan(smoke)
     row = {"group": job.group, "name": job.name, "impl": job.impl, **job.extra}
@@ -174,7 +140,7 @@ def _run(job: Job, compiled, *, reps: int, smoke: bool, key, trace: bool = False
             ts.append(time.perf_counter() - t0)
         t = statistics.median(ts) / r
         if trace:
-            row["trace"] = kernel_times(exe, copies)
+            row["trace"] = kernel_times(exe, copies)  # benchmarks/trace_stats.py
     except Exception as e:
         row["error"] = f"run: {type(e).__name__}: {str(e)[:300]}"
         print(f"failed: {job.group} {job.name} {job.impl} {job.block_sizes}: {row['error']}")

@@ -18,6 +18,11 @@ executables are compiled up front on a thread pool (Triton compiles are the slow
     python benchmarks/bench_qmatmul.py --out results.json            # ~2-3 min on an H100
     python benchmarks/bench_qmatmul.py --quick                       # 2 shapes, M = 1 and 2048
     python benchmarks/bench_qmatmul.py --sweep --ms 1,8 --formats Q8_0,Q4_K   # tile search
+    python benchmarks/bench_qmatmul.py --trace --ms 1 --xla-ms 1   # + GPU-busy time per call
+
+`--trace` also runs each executable once under the profiler and reports the sum of its GPU
+kernel durations per call (benchmarks/trace_stats.py): wall time per call carries the host's
+start-up share of the executable, which is not small against a few-microsecond matvec.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pallas_kernels import qmatmul as qm  # noqa: E402
 from pallas_kernels import qtiles  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trace_stats import kernel_times  # noqa: E402
 
 E4B_SHAPES = [(2048, 2560), (512, 2560), (2560, 2048), (10240, 2560), (2560, 10240), (262144, 2560)]
 SHAPE_NAMES = {
@@ -219,7 +227,9 @@ def _time(exe, args, reps: int, calls: int) -> float:
     return statistics.median(ts) / calls
 
 
-def run_jobs(jobs: list[Job], *, reps: int, workers: int, interpret: bool) -> list[dict]:
+def run_jobs(
+    jobs: list[Job], *, reps: int, workers: int, interpret: bool, trace: bool = False
+) -> list[dict]:
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(_compile, j, interpret) for j in jobs]
@@ -246,6 +256,11 @@ def run_jobs(jobs: list[Job], *, reps: int, workers: int, interpret: bool) -> li
         try:
             args = concrete(jax.random.fold_in(key, i))
             t = _time(exe, args, reps, r)
+            if trace and job.kind != "copy":
+                tr = kernel_times(exe, *args)  # benchmarks/trace_stats.py
+                if "busy_us" in tr:
+                    row.update(kernel_us=tr["busy_us"] / r, trace=tr)
+                    row["kernel_gbps"] = job.weight_bytes / (tr["busy_us"] / r) / 1e3
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
             print(f"run failed: {job}: {row['error']}", flush=True)
@@ -280,16 +295,17 @@ def markdown(results, copy_gbps: float | None) -> str:
         lines.append(f"Copy ceiling (read + write): **{copy_gbps:.0f} GB/s**\n")
     lines.append(
         "| fmt | shape | N x K | M | kernel us | weight GB/s | % copy | TFLOP/s | in scan us | "
-        "XLA deq+dot us | x vs XLA | bf16 dense us | dense TFLOP/s | % dense |"
+        "XLA deq+dot us | x vs XLA | bf16 dense us | dense TFLOP/s | % dense | "
+        "GPU-busy us (trace) | busy GB/s | busy % copy |"
     )
-    lines.append("|" + "---|" * 14)
+    lines.append("|" + "---|" * 17)
     for r in results:
         if r["kind"] != "kernel":
             continue
         key = (r["fmt"], r["n"], r["k"], r["m"])
         shape = f"{r['n']} x {r['k']}"
         if "error" in r:
-            lines.append(f"| {r['fmt']} | | {shape} | {r['m']} | {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['fmt']} | | {shape} | {r['m']} | {r['error']} |" + " |" * 12)
             continue
         xla = idx.get(("xla", *key))
         scan = idx.get(("scan", *key))
@@ -301,11 +317,15 @@ def markdown(results, copy_gbps: float | None) -> str:
         d_us = f"{dense['us']:.1f}" if dense and "us" in dense else ""
         d_tf = f"{dense['tflops']:.0f}" if dense and "us" in dense else ""
         pct_d = f"{100 * dense['us'] / r['us']:.0f}%" if dense and "us" in dense else ""
+        busy = busy_gbps = busy_pct = ""
+        if "kernel_us" in r:
+            busy, busy_gbps = f"{r['kernel_us']:.1f}", f"{r['kernel_gbps']:.0f}"
+            busy_pct = f"{100 * r['kernel_gbps'] / copy_gbps:.0f}%" if copy_gbps else ""
         lines.append(
             f"| {r['fmt']} | {SHAPE_NAMES.get((r['n'], r['k']), '')} | {shape} | {r['m']} | "
             f"{r['us']:.1f} | {r['gbps']:.0f} | {pct_copy} | {r['tflops']:.1f} | {scan_us} | "
             f"{xla_us} | "
-            f"{vs} | {d_us} | {d_tf} | {pct_d} |"
+            f"{vs} | {d_us} | {d_tf} | {pct_d} | {busy} | {busy_gbps} | {busy_pct} |"
         )
     return "\n".join(lines)
 
@@ -338,6 +358,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2 shapes, M = 1 and 2048")
     p.add_argument("--sweep", action="store_true", help="search decode tiles (M <= 64)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes!)")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="also sum each executable's GPU kernel times from a profiler trace (no host share)",
+    )
     a = p.parse_args(argv)
 
     backend = jax.default_backend()
@@ -371,7 +396,7 @@ def main(argv=None) -> int:
                 jobs.append(Job("dense", "", n, k, m))
 
     t0 = time.perf_counter()
-    results = run_jobs(jobs, reps=a.reps, workers=a.workers, interpret=a.interpret)
+    results = run_jobs(jobs, reps=a.reps, workers=a.workers, interpret=a.interpret, trace=a.trace)
     copy = next((r for r in results if r["kind"] == "copy" and "gbps" in r), None)
     copy_gbps = copy["gbps"] if copy else None
 

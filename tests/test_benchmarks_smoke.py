@@ -292,3 +292,16 @@ def test_first_token_probe_smoke(fixtures_dir):
     for label in ("cold", "warm"):
         line = next(x for x in r.stdout.splitlines() if x.startswith(f"{label}:"))
         assert "import" in line and "generate" in line and "compile" in line, line
+
+
+def test_trace_stats_without_gpu_kernels_says_so():
+    # benchmarks/trace_stats.py (bench_qmatmul / bench_attention --trace): on the CPU the trace
+    # holds no GPU kernel lines, which must come back as an error entry, not a crash.
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import trace_stats
+
+    exe = jax.jit(lambda a: a + 1).lower(jnp.zeros(8)).compile()
+    out = trace_stats.kernel_times(exe, jnp.zeros(8))
+    assert set(out) == {"error"}
