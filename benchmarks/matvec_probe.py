@@ -1,8 +1,9 @@
 """Why do batch-1 K-quant matvecs run below the memory bandwidth? (GPU machine, under ncu.)
 
 One E4B gate|up-sized weight (20480 x 2560) per format, random, and one activation row; each
-variant below runs `--reps` times, in this order, so that an Nsight Compute log of the process
-lists its kernels in a known order:
+variant below (`--only` patterns pick some) runs `--reps` times after all were warmed up, in
+the order the run prints first ("order of timed kernels"), so that an Nsight Compute log of the
+process can be matched to them:
 
     ncu --clock-control none --csv --log-file ncu.csv -k regex:'reduce|qmatmul' \
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,... \
@@ -18,7 +19,8 @@ take pieces away, so the difference says what a piece costs; they are not correc
 - `q4_k_no_min`: Q4_K without the min term;
 - `q4_k_nibbles`: the nibbles times x only (no scales at all): the floor of the 4-bit reduction;
 - `q6_k`: `matvec.matvec` on Q6_K;
-- `pallas_q4_k`: the Pallas vector kernel on the same Q4_K weight (and its split sum).
+- `pallas_<fmt>_<tiles>`: the Pallas vector kernel on the Q8_0 / Q4_K weight with each of
+  `PALLAS_TILES` (`default`: the heuristic's tiles), and its split sum where it splits.
 Without ncu it prints a wall time per variant (median of `--reps` synchronous calls, host
 overhead included: only for orientation).
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import statistics
 import sys
 import time
@@ -34,17 +37,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 2560
-VARIANTS = (
-    "q8_0",
-    "q4_k",
-    "q4_k_f32_scales",
-    "q4_k_no_min",
-    "q4_k_nibbles",
-    "q6_k",
-    "pallas_q4_k",
-)
-
-
 # Pallas vector-kernel tiles (kernel, block_m, block_n, block_k, split_k, num_warps, stages).
 PALLAS_TILES = (
     (None,) * 7,  # the heuristic's choice
@@ -55,12 +47,6 @@ PALLAS_TILES = (
     ("vector", 1, 32, 256, 1, 8, 3),
     ("vector", 1, 128, 256, 4, 4, 3),
 )
-
-
-def qtiles_fields(w) -> list[str]:
-    import dataclasses
-
-    return [f.name for f in dataclasses.fields(w)]
 
 
 def _variants(N: int):
@@ -102,13 +88,11 @@ def _variants(N: int):
         hi = (qs >> 4).astype(jnp.float32)
         return jnp.sum((lo * xs[:, :, 0] + hi * xs[:, :, 1]).reshape(N, -1), axis=-1)
 
-    fields = {k: getattr(q4, k) for k in ("qs", "d", "dmin", "sc", "m")}
     interpret = jax.default_backend() != "gpu"  # a CPU smoke run
-    pallas = jax.jit(lambda x, f: qk.qmatmul(x, "Q4_K", f, interpret=interpret))
     mv = jax.jit(matvec.matvec)
     tiles = {}
     for fmt in ("Q8_0", "Q4_K"):
-        f = {k: getattr(w[fmt], k) for k in qtiles_fields(w[fmt])}
+        f = {fld.name: getattr(w[fmt], fld.name) for fld in dataclasses.fields(w[fmt])}
         for bs in PALLAS_TILES:
             fn = jax.jit(
                 lambda x, f, fmt=fmt, bs=bs: qk.qmatmul(
@@ -124,7 +108,6 @@ def _variants(N: int):
         "q4_k_no_min": (jax.jit(no_min), (x, q4)),
         "q4_k_nibbles": (jax.jit(nibbles), (x, qs)),
         "q6_k": (mv, (x, w["Q6_K"])),
-        "pallas_q4_k": (pallas, (x, fields)),
     }
 
 

@@ -227,12 +227,18 @@ def _k_range(pid_s, *, steps: int, split: int):
 
 
 class _TileLoads:
-    """Field access for ``qtiles.tile_runs`` that either loads and records every array it reads
-    (``replay=None``) or hands back, in the same order, arrays loaded earlier: how the vector
-    kernel prefetches the next loop step's tile into registers while it computes this one."""
+    """Field access for ``qtiles.tile_runs`` that software-pipelines the vector kernel's loop.
 
-    def __init__(self, refs, replay=None):
-        self.refs, self.replay, self.loaded, self.replayed = refs, replay, [], 0
+    Every array ``tile_runs`` asks for is loaded again with the block index (position
+    ``block_axis`` of the index) replaced by ``ahead``, and recorded in ``loaded``. Without
+    ``current`` the new load is also what is handed back (the loop's prologue); with it, the
+    arrays of ``current`` (the previous step's ``loaded``) are handed back in order, so this
+    step computes on bytes loaded a step earlier while the next step's are in flight."""
+
+    def __init__(self, refs, block_axis: int, ahead, current=None):
+        self.refs, self.block_axis, self.ahead = refs, block_axis, ahead
+        self.current = None if current is None else iter(current)
+        self.loaded = []
 
     def __getitem__(self, name):
         return _FieldLoads(self, name)
@@ -242,14 +248,11 @@ class _FieldLoads:
     def __init__(self, owner: _TileLoads, name: str):
         self.owner, self.name = owner, name
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: tuple):
         o = self.owner
-        if o.replay is not None:
-            o.replayed += 1
-            return o.replay[o.replayed - 1]
-        value = o.refs[self.name][index]
-        o.loaded.append(value)
-        return value
+        k = o.block_axis
+        o.loaded.append(o.refs[self.name][(*index[:k], o.ahead, *index[k + 1 :])])
+        return o.loaded[-1] if o.current is None else next(o.current)
 
 
 def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm):
@@ -289,27 +292,26 @@ def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm
         start = t * nbk
         return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, nbk), nbk)
 
-    def fetch(t):  # every array step t reads (its dequantization is traced, then dead code)
-        loads = _TileLoads(w_refs)
-        qtiles.tile_runs(fmt, loads, (*lead, blocks(t)), asm=False)
-        return tuple(loads.loaded)
-
     lo, hi = _k_range(pid_s, steps=steps, split=split)
+    # Prologue: step lo's arrays (the dequantization traced here is dead code).
+    first = _TileLoads(w_refs, len(lead), blocks(lo))
+    qtiles.tile_runs(fmt, first, (*lead, blocks(lo)), asm=False)
 
     def body(t, carry):
         accs, tile = carry
-        ahead = fetch(jnp.minimum(t + 1, hi - 1))  # the last step re-reads its own tile (L2)
-        runs = qtiles.tile_runs(fmt, _TileLoads(w_refs, tile), (*lead, blocks(t)), asm=asm)
+        # The last step loads its own tile again (an L2 hit) rather than branch.
+        loads = _TileLoads(w_refs, len(lead), blocks(jnp.minimum(t + 1, hi - 1)), tile)
+        runs = qtiles.tile_runs(fmt, loads, (*lead, blocks(t)), asm=asm)  # S x [bn, nbk, R]
         accs = list(accs)
-        for j, w in enumerate(runs):  # S x [bn, nbk, R]
+        for j, w in enumerate(runs):
             for i, xr in enumerate(x_rows):
                 x = x_ref[xr, blocks(t), j, :].astype(jnp.float32)  # [nbk, R]
                 accs[i] = accs[i] + w * x[None]
-        return tuple(accs), ahead
+        return tuple(accs), tuple(loads.loaded)
 
     zeros = jnp.zeros((bn, nbk, r), jnp.float32)
     # Every split has at least one step (split_k <= steps), so step `lo` is in bounds.
-    accs, _ = lax.fori_loop(lo, hi, body, ((zeros,) * len(x_rows), fetch(lo)))
+    accs, _ = lax.fori_loop(lo, hi, body, ((zeros,) * len(x_rows), tuple(first.loaded)))
     for acc, orow in zip(accs, out_rows, strict=True):
         y = acc.sum(axis=2).sum(axis=1)  # [bn]
         if split > 1:
