@@ -570,8 +570,11 @@ def main(argv=None) -> int:
         ]
         nr_seqs, reps = [1, 2048, 8192], a.reps
         if a.decode_cases:
-            pairs = [tuple(int(v) for v in c.split(":")) for c in a.decode_cases.split(",")]
-            dec = [(s, pos, 512, False) for s, pos in pairs]
+            try:
+                pairs = [tuple(map(int, c.split(":"))) for c in a.decode_cases.split(",")]
+                dec = [(s, pos, 512, False) for s, pos in pairs]
+            except ValueError:
+                p.error(f"--decode-cases {a.decode_cases!r}: want S:pos[,S:pos...], e.g. 4096:4095")
 
     jobs = [] if a.smoke else [copy_job()]
     if "prefill" in only:
