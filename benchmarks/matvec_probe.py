@@ -19,7 +19,8 @@ take pieces away, so the difference says what a piece costs; they are not correc
 - `q4_k_no_min`: Q4_K without the min term;
 - `q4_k_nibbles`: the nibbles times x only (no scales at all): the floor of the 4-bit reduction;
 - `q6_k`: `matvec.matvec` on Q6_K;
-- `pallas_<fmt>_<tiles>`: the Pallas vector kernel on the Q8_0 / Q4_K weight with each of
+- `pallas_<fmt>_<tiles>`: the Pallas kernels (vector, and mma with x padded to 16 rows) on the
+  Q8_0 / Q4_K / Q6_K weight with each of
   `PALLAS_TILES` (`default`: the heuristic's tiles), and its split sum where it splits.
 Without ncu it prints a wall time per variant (median of `--reps` synchronous calls, host
 overhead included: only for orientation).
@@ -46,6 +47,12 @@ PALLAS_TILES = (
     ("vector", 1, 16, 1024, 1, 4, 1),
     ("vector", 1, 32, 256, 1, 8, 3),
     ("vector", 1, 128, 256, 4, 4, 3),
+    # The tensor-core kernel with x padded to 16 rows (15 of them zero): dequantization
+    # feeds a dot instead of a multiply-add per weight.
+    ("mma", 16, 64, None, None, 4, 3),
+    ("mma", 16, 32, None, None, 4, 3),
+    ("mma", 16, 128, None, None, 4, 3),
+    ("mma", 16, 64, None, None, 8, 3),
 )
 
 
@@ -91,7 +98,7 @@ def _variants(N: int):
     interpret = jax.default_backend() != "gpu"  # a CPU smoke run
     mv = jax.jit(matvec.matvec)
     tiles = {}
-    for fmt in ("Q8_0", "Q4_K"):
+    for fmt in ("Q8_0", "Q4_K", "Q6_K"):
         f = {fld.name: getattr(w[fmt], fld.name) for fld in dataclasses.fields(w[fmt])}
         for bs in PALLAS_TILES:
             fn = jax.jit(
