@@ -21,7 +21,8 @@ take pieces away, so the difference says what a piece costs; they are not correc
 - `q6_k`: `matvec.matvec` on Q6_K;
 - `pallas_<fmt>_<tiles>`: the Pallas kernels (vector, and mma with x padded to 16 rows) on the
   Q8_0 / Q4_K / Q6_K weight with each of
-  `PALLAS_TILES` (`default`: the heuristic's tiles), and its split sum where it splits.
+  `PALLAS_TILES` (`default`: the heuristic's tiles), and its split sum where it splits;
+  `..._default_xf32`: the same row given as f32 (the kernel then converts nothing per step);
 Without ncu it prints a wall time per variant (median of `--reps` synchronous calls, host
 overhead included: only for orientation).
 """
@@ -108,6 +109,8 @@ def _variants(N: int):
             )
             label = "default" if bs[0] is None else "_".join(map(str, bs))
             tiles[f"pallas_{fmt.lower()}_{label}"] = (fn, (x, f))
+            if bs[0] is None:  # the same values handed over in f32: no conversion in the loop
+                tiles[f"pallas_{fmt.lower()}_{label}_xf32"] = (fn, (x.astype(jnp.float32), f))
     return tiles | {
         "q8_0": (mv, (x, w["Q8_0"])),
         "q4_k": (mv, (x, q4)),
