@@ -342,7 +342,7 @@ def _vector_kernel(
         for j, w in enumerate(runs):
             for i in range(len(x_rows)):
                 x = xs[i * n_runs + j].astype(jnp.float32)  # [nbk, R]
-                accs[i] = accs[i] + w * x[None]
+                accs[i] = qtiles.fma(w, x[None], accs[i], asm=asm)
         return tuple(accs), tuple(loads.loaded), x_next
 
     zeros = jnp.zeros((bn, nbk, r), jnp.float32)

@@ -57,6 +57,7 @@ __all__ = [
     "codes_ptx",
     "dequantize",
     "field_views",
+    "fma",
     "get_format",
     "join_runs",
     "permute_for_join",
@@ -265,6 +266,28 @@ def _codes(q, *, bias: int, nibble: int | None, high=None, asm: bool) -> jax.Arr
     return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(2**23 + bias)
 
 
+def fma(a, b, c, *, asm: bool) -> jax.Array:
+    """``a * b + c`` in f32, one rounding on the GPU (``asm``: inline PTX ``fma.rn.f32``).
+
+    The Triton lowering does not contract a multiply and an add into an FMA: Nsight Compute
+    counted separate FMUL and FADD instructions in the vector kernel's inner loop (RESULTS.md
+    run s), two issue slots where one does. Interpret mode keeps the plain expression."""
+    if not asm:
+        return a * b + c
+    from jax.experimental.pallas import triton as plgpu
+
+    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
+    args = [jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for v in (a, b, c)]
+    [y] = plgpu.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;",
+        args=args,
+        constraints="=r,r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)],
+    )
+    return y
+
+
 def _runs_q8_0(refs, ix, asm, want):
     q = refs["qs"][(*ix, slice(None))]  # int8 [..., 32]
     d = _f32(refs["d"][ix])[..., None]
@@ -291,7 +314,7 @@ def _runs_q45_k(refs, ix, asm, want, *, fifth_bit: bool):
         u = _codes(chunks[c], bias=0, nibble=s, high=high, asm=asm)
         scale = (d * _f32(refs["sc"][(*ix, j)]))[..., None]
         mins = (dmin * _f32(refs["m"][(*ix, j)]))[..., None]
-        runs.append(scale * u - mins)
+        runs.append(fma(scale, u, -mins, asm=asm))  # scale * u is exact: same bits either way
     return runs
 
 
