@@ -32,14 +32,9 @@ __all__ = [
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def load(ref, *, mask=None, other=None, eviction_policy: str | None = None) -> jax.Array:
-    """Masked load from a (sliced) ref; lanes where ``mask`` is False read ``other``.
-
-    ``eviction_policy`` (``"evict_first"`` / ``"evict_last"``) is a cache hint on the GPU
-    (PTX ``L1::evict_*``); interpret mode ignores it. (``cache_modifier=".cg"`` would be the
-    stronger hint, but the Triton lowering of jax 0.10-0.11 rejects it: its table has no dots.)
-    """
-    return plgpu.load(ref, mask=mask, other=other, eviction_policy=eviction_policy)
+def load(ref, *, mask=None, other=None) -> jax.Array:
+    """Masked load from a (sliced) ref; lanes where ``mask`` is False read ``other``."""
+    return plgpu.load(ref, mask=mask, other=other)
 
 
 def store(ref, val, *, mask=None) -> None:

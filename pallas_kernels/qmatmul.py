@@ -235,11 +235,10 @@ class _TileLoads:
     arrays of ``current`` (the previous step's ``loaded``) are handed back in order, so this
     step computes on bytes loaded a step earlier while the next step's are in flight."""
 
-    def __init__(self, refs, block_axis: int, ahead, current=None, evict=None):
+    def __init__(self, refs, block_axis: int, ahead, current=None):
         self.refs, self.block_axis, self.ahead = refs, block_axis, ahead
         self.current = None if current is None else iter(current)
         self.loaded = []
-        self.evict = evict
 
     def __getitem__(self, name):
         return _FieldLoads(self, name)
@@ -252,31 +251,11 @@ class _FieldLoads:
     def __getitem__(self, index: tuple):
         o = self.owner
         k = o.block_axis
-        at = (*index[:k], o.ahead, *index[k + 1 :])
-        ref = o.refs[self.name]
-        if o.evict is None:
-            o.loaded.append(ref[at])
-        else:
-            o.loaded.append(_compat.load(ref.at[_ints(at)], eviction_policy=o.evict))
+        o.loaded.append(o.refs[self.name][(*index[:k], o.ahead, *index[k + 1 :])])
         return o.loaded[-1] if o.current is None else next(o.current)
 
 
-def _ints(index: tuple) -> tuple:
-    """Python ints of a ref index as int32 scalars (``load``'s interpret mode needs arrays)."""
-    return tuple(jnp.int32(i) if isinstance(i, int) else i for i in index)
-
-
-def _vector_options() -> tuple[str | None, bool]:
-    """(weight-load eviction hint, x loaded a step ahead): GEMMA4_JAX_QMV, for A/B runs."""
-    import os
-
-    flags = os.environ.get("GEMMA4_JAX_QMV", "").split(",")
-    return ("evict_first" if "evict" in flags else None), "xahead" in flags
-
-
-def _vector_kernel(
-    *refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm, evict=None, x_ahead=False
-):
+def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm):
     """CUDA-core matvec over one ``[bn]``-row tile of W and one K split.
 
     refs (in order):
@@ -316,38 +295,29 @@ def _vector_kernel(
     n_runs = qtiles.get_format(fmt).runs
 
     def load_x(t):  # x of step t: rows x runs of [nbk, R], in x's dtype
-        x_evict = None if evict is None else "evict_last"
-        return tuple(
-            _compat.load(x_ref.at[_ints((xr, blocks(t), j))], eviction_policy=x_evict)
-            for xr in x_rows
-            for j in range(n_runs)
-        )
+        return tuple(x_ref[xr, blocks(t), j, :] for xr in x_rows for j in range(n_runs))
 
     lo, hi = _k_range(pid_s, steps=steps, split=split)
     # Prologue: step lo's arrays (the dequantization traced here is dead code).
-    first = _TileLoads(w_refs, len(lead), blocks(lo), evict=evict)
+    first = _TileLoads(w_refs, len(lead), blocks(lo))
     qtiles.tile_runs(fmt, first, (*lead, blocks(lo)), asm=False)
-    x_first = load_x(lo) if x_ahead else ()
 
     def body(t, carry):
         accs, tile, xs = carry
         # The last step loads its own tile again (an L2 hit) rather than branch.
         ahead = jnp.minimum(t + 1, hi - 1)
-        loads = _TileLoads(w_refs, len(lead), blocks(ahead), tile, evict=evict)
+        loads = _TileLoads(w_refs, len(lead), blocks(ahead), tile)
         runs = qtiles.tile_runs(fmt, loads, (*lead, blocks(t)), asm=asm)  # S x [bn, nbk, R]
-        x_next = load_x(ahead) if x_ahead else ()
-        if not x_ahead:
-            xs = load_x(t)
         accs = list(accs)
         for j, w in enumerate(runs):
             for i in range(len(x_rows)):
                 x = xs[i * n_runs + j].astype(jnp.float32)  # [nbk, R]
                 accs[i] = qtiles.fma(w, x[None], accs[i], asm=asm)
-        return tuple(accs), tuple(loads.loaded), x_next
+        return tuple(accs), tuple(loads.loaded), load_x(ahead)
 
     zeros = jnp.zeros((bn, nbk, r), jnp.float32)
     # Every split has at least one step (split_k <= steps), so step `lo` is in bounds.
-    init = ((zeros,) * len(x_rows), tuple(first.loaded), x_first)
+    init = ((zeros,) * len(x_rows), tuple(first.loaded), load_x(lo))
     accs, _, _ = lax.fori_loop(lo, hi, body, init)
     for acc, orow in zip(accs, out_rows, strict=True):
         y = acc.sum(axis=2).sum(axis=1)  # [bn]
@@ -500,7 +470,6 @@ def _vector_call(x2, fmt, views, n, bs, interpret, *, experts=None, x_rows=None)
         split=split,
         grouped=grouped,
         asm=_use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps),
-        **dict(zip(("evict", "x_ahead"), _vector_options(), strict=True)),
     )
     y = pl.pallas_call(
         kernel,
