@@ -116,10 +116,11 @@ def _one_row(x) -> bool:
     return math.prod(x.shape[:-1]) == 1
 
 
-# Batch-1 matmuls on the Pallas vector kernel in `auto` mode. Measured on the H100 (RESULTS.md
-# run r, E4B, one process): Q4_K_M 216.1 -> 235.1 tok/s with Q4_K and Q6_K on the kernel
-# (XLA's K-quant reductions are issue-bound at ~0.86 TB/s); Q8_0 stays on XLA, whose
-# reductions beat the kernel there (293-297 vs 239-241 tok/s). Q5_K was not measured.
+# Batch-1 matmuls on the Pallas vector kernel in `auto` mode. Measured on the H100 (E4B, one
+# process each): Q4_K_M 216.1 -> 235.1 tok/s with Q4_K and Q6_K on the kernel (run r; XLA's
+# K-quant reductions are issue-bound at ~0.86 TB/s), 214-219 -> 249-253 with run s's kernel;
+# Q8_0 stays on XLA, whose reductions still beat the kernel there (294-298 vs 270 tok/s,
+# run s). Q5_K was not measured.
 PALLAS_MATVEC_DEFAULT = ("Q4_K", "Q6_K")
 
 

@@ -14,11 +14,15 @@ What is notable here:
     and accumulates ``w * x`` elementwise in registers (x viewed as ``[M, K/B, S, R]``, a free
     reshape), reducing across lanes once at the end. Per weight, the arithmetic is ~1.3
     integer instructions (inline-PTX ``prmt`` code extraction), an FADD (magic-number float),
-    an FMA for scale and min and an FMA per row of x, but Nsight Compute counts ~7 (Q8_0) and
-    ~10 (Q4_K) executed instructions per weight with the addressing and layout work, at ~30%
-    occupancy (80-96 registers): at 20480 x 2560 it reaches 63% (Q8_0) and 33% (Q4_K) of the
-    DRAM peak, issue-bound, not memory-bound (RESULTS.md run r). The next step's tile is
-    loaded a step ahead (``_TileLoads``). Tensor cores would idle 15/16 of their rows.
+    an FMA for scale and min and an FMA per row of x (``qtiles.fma``: the Triton lowering
+    does not contract a multiply and an add by itself), plus the bf16 -> f32 shift of x.
+    Nsight Compute counts ~8 executed instructions per weight with the addressing (Q4_K;
+    ~10 before the FMAs), at 22-30% occupancy (96-128 registers); at 20480 x 2560 it reaches
+    69% (Q8_0), 54% (Q6_K) and 38% (Q4_K) of the DRAM peak (RESULTS.md runs r, s). The next
+    step's weight tile AND its slice of x are loaded a step ahead (``_TileLoads``,
+    ``load_x``): x loaded in the step it was used stalled every warp on an L2 round trip
+    (the top stall site in run s's Nsight Compute source view). Tensor cores would idle 15/16
+    of their rows, and the ``mma`` kernel with x padded to 16 rows measured slower (run s).
   * ``mma`` with small tiles (4 < M <= 64, batched decode) and large tiles (M > 64, prefill):
     each loop step dequantizes ``block_k`` K elements of ``block_n`` rows (f32, then x.dtype)
     and contracts them with ONE ``dot`` (``qtiles.join_runs`` interleaves the runs; x comes
@@ -266,10 +270,11 @@ def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm
       o_ref: [split, Mp, N] f32 if split > 1 else [Mp, N] x.dtype
     grid: (cdiv(N, bn), Mp / bm (pairs if grouped), split)
 
-    The loop is software-pipelined by hand: step t's weight bytes are loaded (into registers)
-    during step t - 1, so each program always has a tile in flight. Without it a program
-    waited for every tile it had just asked for, and the kernel ran latency-bound (Nsight
-    Compute, 20480 x 2560 Q4_K: 30% of DRAM bandwidth at 46% issue utilisation).
+    The loop is software-pipelined by hand: step t's weight bytes and x are loaded (into
+    registers) during step t - 1, so each program always has a tile in flight. Without it a
+    program waited for every tile it had just asked for, and the kernel ran latency-bound
+    (Nsight Compute, 20480 x 2560 Q4_K: 30% of DRAM bandwidth at 46% issue utilisation; with
+    the weights ahead but x loaded in its own step, x's loads were the top stall site).
     """
     if grouped:
         experts_ref, xrow_ref, x_ref, *w_refs, o_ref = refs
