@@ -48,6 +48,14 @@ PALLAS_TILES = (
     ("vector", 1, 16, 1024, 1, 4, 1),
     ("vector", 1, 32, 256, 1, 8, 3),
     ("vector", 1, 128, 256, 4, 4, 3),
+    # One-row tiles around the heuristic's (16 rows, 512 / 256 K per step, 4 warps, split to
+    # two programs per SM), for the kernel that carries x a step ahead (more registers).
+    ("vector", 1, 16, 256, None, 4, 1),
+    ("vector", 1, 32, 256, None, 4, 1),
+    ("vector", 1, 16, 512, None, 8, 1),
+    ("vector", 1, 32, 512, None, 8, 1),
+    ("vector", 1, 16, 256, None, 2, 1),
+    ("vector", 1, 16, 1024, None, 8, 1),
     # The tensor-core kernel with x padded to 16 rows (15 of them zero): dequantization
     # feeds a dot instead of a multiply-add per weight.
     ("mma", 16, 64, None, None, 4, 3),
