@@ -43,6 +43,7 @@ VARIANTS = {
     "auto-pv": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "none"}),
     "auto+pv_q8": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "Q8_0,Q4_K,Q6_K"}),
     "auto+pv_q4k": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "Q4_K"}),
+    "auto-merge": ("auto", "", {"GEMMA4_JAX_MERGE_MATVEC": "0"}),
     "pallas": ("pallas", "", {}),
     "reference+cmdbuf": ("reference", CMDBUF, {}),
     "auto+cmdbuf": ("auto", CMDBUF, {}),

@@ -93,7 +93,8 @@ def lm_head(params: Params, h: jax.Array) -> jax.Array:
 
 
 def _mlp(p: dict, x: jax.Array, gate: str, up: str, down: str) -> jax.Array:
-    return ops.matmul(gelu(ops.matmul(x, p[gate])) * ops.matmul(x, p[up]), p[down])
+    g, u = ops.matmuls(x, [p[gate], p[up]])
+    return ops.matmul(gelu(g) * u, p[down])
 
 
 def _moe(c: Gemma4Config, p: dict, h: jax.Array, dt) -> jax.Array:
@@ -123,12 +124,14 @@ def _moe(c: Gemma4Config, p: dict, h: jax.Array, dt) -> jax.Array:
 def _project_qkv(c: Gemma4Config, s: LayerSpec, p: dict, x, positions, inv_freq):
     """q[B,T,H,d] and, for layers with their own cache, k/v[B,T,K,d], normed and roped."""
     b, t, _ = x.shape
-    q = ops.matmul(x, p["attn_q"]).reshape(b, t, c.n_heads, s.head_dim)
+    # K=V layers: V is the raw K projection, normalised without weight and not rotated.
+    names = ("attn_q", "attn_k", "attn_v")[: 1 + s.has_kv + (s.has_kv and not s.k_eq_v)]
+    ys = ops.matmuls(x, [p[name] for name in names])
+    q = ys[0].reshape(b, t, c.n_heads, s.head_dim)
     k = v = None
     if s.has_kv:
-        k = ops.matmul(x, p["attn_k"]).reshape(b, t, s.n_kv_heads, s.head_dim)
-        # K=V layers: V is the raw K projection, normalised without weight and not rotated.
-        v = k if s.k_eq_v else ops.matmul(x, p["attn_v"]).reshape(b, t, s.n_kv_heads, s.head_dim)
+        k = ys[1].reshape(b, t, s.n_kv_heads, s.head_dim)
+        v = k if s.k_eq_v else ys[2].reshape(b, t, s.n_kv_heads, s.head_dim)
     return ops.qk_norm_rope(
         q, k, v, p["attn_q_norm"], p.get("attn_k_norm"), positions, inv_freq, eps=c.rms_eps
     )

@@ -1,20 +1,22 @@
 """The one dispatch point between the model and its kernels.
 
-The model calls `matmul`, `expert_matmul`, `flash_attention`, `decode_attention`,
-`qk_norm_rope` and `residual_norm`; each runs either the pure-jnp reference or a Pallas kernel,
-chosen by `GEMMA4_JAX_KERNELS` = `reference` | `pallas` | `auto` (default: `auto` on GPU,
-`reference` on CPU; `pallas` on CPU runs the kernels in interpret mode; `auto` uses the Pallas
-attention, norm+RoPE and (decode rows) residual+norm kernels, the grouped expert kernel for MoE
-prefill and the quantized matmul
-kernel for batched decode (8-64 rows) and for batch-1 Q4_K / Q6_K matmuls
-(`PALLAS_MATVEC_DEFAULT`), and XLA for the other matmuls: other batch-1 ones as reductions
-over the packed bytes (matvec.py), prefill as dequantize+dot). The mode is read when a
-function is traced: the public entry points (`forward`, `prefill`, `decode_step`,
-`generate`) make it part of their jit cache key, so flipping the variable between calls
-takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL, GEMMA4_JAX_PACKED_MATVEC,
-GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM, GEMMA4_JAX_ATTN_COMBINE,
-GEMMA4_JAX_PALLAS_MATVEC; for A/B runs)
-are also read at trace time but are NOT part of any cache key: set them before the first call,
+The model calls `matmul` (`matmuls` for projections of one input), `expert_matmul`,
+`flash_attention`, `decode_attention`, `qk_norm_rope` and `residual_norm`; each runs either the
+pure-jnp reference or a Pallas kernel, chosen by `GEMMA4_JAX_KERNELS`:
+- `reference` (the default on CPU): the jnp references;
+- `pallas`: every kernel (on CPU in interpret mode);
+- `auto` (the default on GPU): the Pallas attention, norm+RoPE and (decode rows)
+  residual+norm kernels, the grouped expert kernel for MoE prefill, and the quantized matmul
+  kernel for batched decode (8-64 rows) and for batch-1 Q4_K / Q6_K matmuls
+  (`PALLAS_MATVEC_DEFAULT`); XLA for the other matmuls (other batch-1 ones as reductions over
+  the packed bytes, matvec.py; prefill as dequantize+dot).
+
+The mode is read when a function is traced: the public entry points (`forward`, `prefill`,
+`decode_step`, `generate`) make it part of their jit cache key, so flipping the variable
+between calls takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL,
+GEMMA4_JAX_PACKED_MATVEC, GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM,
+GEMMA4_JAX_ATTN_COMBINE, GEMMA4_JAX_PALLAS_MATVEC, GEMMA4_JAX_MERGE_MATVEC; for A/B runs) are
+also read at trace time but are NOT part of any cache key: set them before the first call,
 or call `jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
 Meshes (see `sharding.py`): the jnp reference path is partitioned by XLA from the shardings of
@@ -286,6 +288,37 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
         # not an F32 file's weights (that alone moves fixture logits by up to ~4).
         return quant.matmul_reference(x.astype(jnp.float32), w).astype(x.dtype)
     return quant.matmul_reference(x, w)
+
+
+def matmuls(x: jax.Array, ws: list[quant.QTensor | LayerSlice]) -> list[jax.Array]:
+    """`[matmul(x, w) for w in ws]`: several projections of one input (q|k|v, gate|up).
+
+    One row of x against stacked weights that take the Pallas vector kernel: those sharing a
+    format (and K, and layer) run as ONE launch (`qmatmul.stacked_qmatmul_many`), saving a
+    launch's fixed cost per extra weight. GEMMA4_JAX_MERGE_MATVEC=0 turns the merging off
+    (A/B runs); everything else is `matmul` per weight."""
+    out: list[jax.Array | None] = [None] * len(ws)
+    if _one_row(x) and _mesh() is None and os.environ.get("GEMMA4_JAX_MERGE_MATVEC", "1") != "0":
+        groups: dict[tuple, list[int]] = {}
+        for i, w in enumerate(ws):
+            if not isinstance(w, LayerSlice) or not isinstance(w.stack, quant.QTensor):
+                continue
+            fmt = w.stack.ggml_type
+            if fmt in _PALLAS_MATMUL_TYPES and _pallas_matmul(_batched_decode(x), x, fmt):
+                groups.setdefault((fmt, w.stack.shape[0], w.stack.shape[-1], id(w.index)), [])
+                groups[fmt, w.stack.shape[0], w.stack.shape[-1], id(w.index)].append(i)
+        for (fmt, *_), idx in groups.items():
+            if len(idx) < 2:
+                continue
+            from pallas_kernels import qmatmul as qk
+
+            ys = qk.stacked_qmatmul_many(
+                x, fmt, [_fields(ws[i].stack) for i in idx], ws[idx[0]].index,
+                interpret=_interpret(),
+            )  # fmt: skip
+            for i, y in zip(idx, ys, strict=True):
+                out[i] = y
+    return [matmul(x, w) if y is None else y for y, w in zip(out, ws, strict=True)]
 
 
 _PALLAS_MATMUL_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")

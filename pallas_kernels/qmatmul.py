@@ -85,6 +85,7 @@ __all__ = [
     "grouped_qmatmul",
     "grouped_qmatmul_reference",
     "stacked_qmatmul",
+    "stacked_qmatmul_many",
     "qmatmul",
     "qmatmul_reference",
     "ragged_qmatmul",
@@ -259,7 +260,7 @@ class _FieldLoads:
         return o.loaded[-1] if o.current is None else next(o.current)
 
 
-def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm):
+def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm, merged=None):
     """CUDA-core matvec over one ``[bn]``-row tile of W and one K split.
 
     refs (in order):
@@ -270,6 +271,11 @@ def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm
       o_ref: [split, Mp, N] f32 if split > 1 else [Mp, N] x.dtype
     grid: (cdiv(N, bn), Mp / bm (pairs if grouped), split)
 
+    ``merged`` (``stacked_qmatmul_many``): several weights of one format and K behind one
+    launch, ``((first row tile, N), ...)``; the field refs then hold each weight's fields in
+    turn and there is one o_ref per weight. Each program runs the tile of the weight its row
+    tile falls in (the others' code is skipped by a branch on ``program_id``).
+
     The loop is software-pipelined by hand: step t's weight bytes and x are loaded (into
     registers) during step t - 1, so each program always has a tile in flight. Without it a
     program waited for every tile it had just asked for, and the kernel ran latency-bound
@@ -277,11 +283,39 @@ def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm
     the weights ahead but x loaded in its own step, x's loads were the top stall site).
     """
     if grouped:
-        experts_ref, xrow_ref, x_ref, *w_refs, o_ref = refs
+        experts_ref, xrow_ref, x_ref, *refs = refs
     else:
-        x_ref, *w_refs, o_ref = refs
-    w_refs = dict(zip(names, w_refs, strict=True))
+        x_ref, *refs = refs
+    # Program ids read here, outside any branch (interpret mode lowers them only at top level).
     pid_n, pid_m, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if merged is None:
+        w_refs, (o_ref,) = dict(zip(names, refs[:-1], strict=True)), refs[-1:]
+        return _vector_tile(
+            x_ref, w_refs, o_ref, (pid_n, pid_m, pid_s), experts_ref if grouped else None,
+            xrow_ref if grouped else None, fmt=fmt, bm=bm, bn=bn, nbk=nbk, n=n, steps=steps,
+            split=split, asm=asm,
+        )  # fmt: skip
+    # A merged call: weight g owns row tiles [first_g, first_g + cdiv(N_g, bn)) of the grid.
+    nf = len(names)
+    o_refs = refs[len(merged) * nf :]
+    for g, (first, n_g) in enumerate(merged):
+        w_refs = dict(zip(names, refs[g * nf : (g + 1) * nf], strict=True))
+
+        @pl.when((pid_n >= first) & (pid_n < first + pl.cdiv(n_g, bn)))
+        def _(w_refs=w_refs, o_ref=o_refs[g], first=first, n_g=n_g):
+            _vector_tile(
+                x_ref, w_refs, o_ref, (pid_n - first, pid_m, pid_s),
+                experts_ref if grouped else None, xrow_ref if grouped else None, fmt=fmt, bm=bm,
+                bn=bn, nbk=nbk, n=n_g, steps=steps, split=split, asm=asm,
+            )  # fmt: skip
+
+
+def _vector_tile(
+    x_ref, w_refs, o_ref, pids, experts_ref, xrow_ref, *, fmt, bm, bn, nbk, n, steps, split, asm
+):
+    """One program of ``_vector_kernel``: row tile ``pids[0]`` of one weight (``w_refs``)."""
+    grouped = experts_ref is not None
+    pid_n, pid_m, pid_s = pids
     n0 = jnp.minimum(pid_n * bn, n - bn)
     rows = pl.ds(n0, bn)
     if grouped:
@@ -445,6 +479,9 @@ def _finish(y, split: int, dtype):
 
 
 def _vector_call(x2, fmt, views, n, bs, interpret, *, experts=None, x_rows=None):
+    """The vector kernel over one weight (``views`` a dict, ``n`` an int) or, merged into one
+    launch, several of one format and K (``views`` a list of dicts, ``n`` a list; returns a
+    list of outputs)."""
     spec = qtiles.get_format(fmt)
     k = x2.shape[1]
     nb = k // spec.block
@@ -459,32 +496,41 @@ def _vector_call(x2, fmt, views, n, bs, interpret, *, experts=None, x_rows=None)
         m_programs = pl.cdiv(x2.shape[0], bm)
         mp = rows_out = m_programs * bm
         pre = []
+    many = isinstance(views, list)
+    views_list, ns = (views, list(n)) if many else ([views], [n])
     xv = _x_view(x2, fmt, mp, x2.dtype)
     split, nbk = bs.split_k, bs.block_k // spec.block
-    out_shape = (split, rows_out, n) if split > 1 else (rows_out, n)
     out_dtype = jnp.float32 if split > 1 else x2.dtype
+    out_shapes = [
+        jax.ShapeDtypeStruct((split, rows_out, n_g) if split > 1 else (rows_out, n_g), out_dtype)
+        for n_g in ns
+    ]
+    tiles = [pl.cdiv(n_g, bs.block_n) for n_g in ns]
+    firsts = [sum(tiles[:g]) for g in range(len(ns))]
     kernel = functools.partial(
         _vector_kernel,
         fmt=fmt,
-        names=tuple(views),
+        names=tuple(views_list[0]),
         bm=bm,
         bn=bs.block_n,
         nbk=nbk,
-        n=n,
+        n=ns[0],
         steps=nb // nbk,
         split=split,
         grouped=grouped,
         asm=_use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps),
+        merged=tuple(zip(firsts, ns, strict=True)) if many else None,
     )
-    y = pl.pallas_call(
+    ys = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
-        grid=(pl.cdiv(n, bs.block_n), m_programs, split),
+        out_shape=out_shapes,
+        grid=(sum(tiles), m_programs, split),
         compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name=f"qmatmul_vector_{fmt.lower()}",
-    )(*pre, xv, *views.values())
-    return _finish(y, split, x2.dtype)
+    )(*pre, xv, *(a for v in views_list for a in v.values()))
+    ys = [_finish(y, split, x2.dtype) for y in ys]
+    return ys if many else ys[0]
 
 
 def _mma_call(x2, fmt, views, n, bs, interpret, *, ragged=None):
@@ -645,6 +691,54 @@ def stacked_qmatmul(
     with jax.named_scope(f"stacked_qmatmul_{fmt}"):
         y = _mma_call(x2, fmt, views, n_pad, bs, interpret, ragged=ragged)
     return y[:m, :n].reshape(*x.shape[:-1], n)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "interpret", "block_sizes"))
+def stacked_qmatmul_many(
+    x: jax.Array,
+    fmt: str,
+    fields_list: list[dict[str, jax.Array]],
+    layer: jax.Array,
+    *,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> tuple[jax.Array, ...]:
+    """``x @ W_g[layer]^T`` for stacked weights ``W_g[L, N_g, K]`` of one format, as
+    ``stacked_qmatmul`` gives each, but for one row of x in ONE launch of the vector kernel.
+
+    Batch-1 decode projects q|k(|v) and gate|up from one row; each small matvec costs a
+    launch's fixed ~2 us (ramp, tail, its split sum) next to a few us of reading, so one
+    merged grid over all the weights' row tiles saves a launch per extra weight and fills the
+    SMs better. Other row counts (or ``block_sizes`` asking for mma) run one
+    ``stacked_qmatmul`` per weight.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    base = block_sizes or BlockSizes()
+    if len(fields_list) < 2 or x2.shape[0] != 1 or base.kernel == "mma":
+        return tuple(
+            stacked_qmatmul(x, fmt, f, layer, interpret=interpret, block_sizes=block_sizes)
+            for f in fields_list
+        )
+    checked = [qtiles.check_fields(fmt, f) for f in fields_list]
+    lead, _, k = checked[0]
+    if len(lead) != 1 or any(c[0] != lead or c[2] != k for c in checked):
+        shapes = [(*c[0], c[1], c[2]) for c in checked]
+        raise ValueError(f"stacked_qmatmul_many needs [L, N_g, K] stacks of one L and K: {shapes}")
+    _check_x(x2, k)
+    prepared = [_prepare_w(fmt, f, 1) for f in fields_list]
+    ns = [n_pad for _, n_pad in prepared]
+    # Tiles and split for the merged grid; the row tile must fit the smallest weight.
+    bs = dataclasses.replace(base, kernel="vector", block_m=1).resolve(fmt, m=1, n=sum(ns), k=k)
+    bs = dataclasses.replace(bs, block_n=max(_MIN_DOT, min(bs.block_n, _floor_pow2(min(ns)))))
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, lead[0] - 1)
+    with jax.named_scope(f"stacked_qmatmul_many_{fmt}"):
+        ys = _vector_call(
+            x2, fmt, [v for v, _ in prepared], ns, bs, interpret,
+            experts=layer.reshape(1), x_rows=jnp.zeros((1,), jnp.int32),
+        )  # fmt: skip
+    return tuple(
+        y[:, :n].reshape(*x.shape[:-1], n) for y, (_, n, _) in zip(ys, checked, strict=True)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "interpret", "block_sizes"))

@@ -262,6 +262,17 @@ def test_stacked_one_row_lowers_for_cuda(fmt):
     _lower_for_cuda(lambda x, f, i: qm.stacked_qmatmul(x, fmt, f, i), x, f, layer)
 
 
+def test_stacked_many_lowers_for_cuda():
+    # The merged batch-1 launch as batch-1 decode runs it: gate|up, and q|k of E4B.
+    x = jax.ShapeDtypeStruct((1, 1, 2560), jnp.bfloat16)
+    layer = jax.ShapeDtypeStruct((), jnp.int32)
+    for fmt, ns in (("Q4_K", (10240, 10240)), ("Q8_0", (2048, 512))):
+        fs = [_abstract_fields(fmt, (8,), n, 2560) for n in ns]
+        _lower_for_cuda(
+            lambda x, fs, i, fmt=fmt: qm.stacked_qmatmul_many(x, fmt, fs, i), x, fs, layer
+        )
+
+
 def test_one_row_tiles():
     # Batch 1: 16-row tiles, split over K up to two programs per SM (264), never past the steps.
     bs = qm.BlockSizes().resolve("Q8_0", m=1, n=20480, k=2560)
@@ -415,6 +426,34 @@ class TestQMatmul:
         out = qm.stacked_qmatmul(x, fmt, fields, jnp.int32(layer), interpret=self.interpret)
         one = {name: a[layer] for name, a in fields.items()}
         _close(out, qm.qmatmul_reference(x, fmt, one), dtype, f"stacked {fmt} M={m} L={layer}")
+
+    @pytest.mark.parametrize(
+        "fmt, ns, m, dtype",
+        [(f, (40, 16, 24), 1, jnp.float32) for f in FORMATS]  # one launch for all three
+        + [("Q4_K", (64, 8), 1, jnp.bfloat16)]  # a weight under 16 rows (padded)
+        + [("Q8_0", (40, 16), 3, jnp.float32)],  # more rows: one stacked call each
+    )
+    def test_stacked_many(self, fmt, ns, m, dtype):
+        # Several stacks of one format behind one launch: every weight's rows come out of its
+        # own data, at the right layer (different data per layer and per weight).
+        n_layers, layer = 3, 2
+        k = 2 * qtiles.FORMATS[fmt].block
+        fields = [random_fields(fmt, (n_layers,), n, k, seed=10 + i) for i, n in enumerate(ns)]
+        x = random_x((m, 1, k), dtype, seed=5)
+        outs = qm.stacked_qmatmul_many(x, fmt, fields, jnp.int32(layer), interpret=self.interpret)
+        assert len(outs) == len(ns)
+        for i, (out, f) in enumerate(zip(outs, fields, strict=True)):
+            one = {name: a[layer] for name, a in f.items()}
+            assert out.shape == (m, 1, ns[i])
+            _close(out, qm.qmatmul_reference(x, fmt, one), dtype, f"many {fmt} weight {i}")
+
+    def test_stacked_many_needs_one_k(self):
+        a = random_fields("Q8_0", (2,), 16, 64)
+        b = random_fields("Q8_0", (2,), 16, 32)
+        with pytest.raises(ValueError, match="one L and K"):
+            qm.stacked_qmatmul_many(
+                jnp.zeros((1, 64)), "Q8_0", [a, b], jnp.int32(0), interpret=self.interpret
+            )
 
     def test_ragged_empty_and_straddling_groups(self):
         fmt, e, n, k = "Q8_0", 7, 48, 64

@@ -45,6 +45,9 @@ STACKED_CASES = [
     # Batch 1, `pallas`: the vector kernel on the stack (stacked_qmatmul's few-row path).
     ("model-Q4_K_M.gguf", 1, "pallas", "stacked_qmatmul"),
     ("model-Q8_0.gguf", 1, "pallas", "stacked_qmatmul"),
+    # Batch 1: q|k and gate|up of one format in one launch (ops.matmuls).
+    ("model-Q4_K_M.gguf", 1, "auto", "stacked_qmatmul_many"),
+    ("model-Q8_0.gguf", 1, "pallas", "stacked_qmatmul_many"),
 ]
 
 
