@@ -124,8 +124,10 @@ def _moe(c: Gemma4Config, p: dict, h: jax.Array, dt) -> jax.Array:
 def _project_qkv(c: Gemma4Config, s: LayerSpec, p: dict, x, positions, inv_freq):
     """q[B,T,H,d] and, for layers with their own cache, k/v[B,T,K,d], normed and roped."""
     b, t, _ = x.shape
-    # K=V layers: V is the raw K projection, normalised without weight and not rotated.
-    names = ("attn_q", "attn_k", "attn_v")[: 1 + s.has_kv + (s.has_kv and not s.k_eq_v)]
+    names = ["attn_q"]
+    if s.has_kv:
+        # K=V layers: V is the raw K projection, normalised without weight and not rotated.
+        names += ["attn_k"] if s.k_eq_v else ["attn_k", "attn_v"]
     ys = ops.matmuls(x, [p[name] for name in names])
     q = ys[0].reshape(b, t, c.n_heads, s.head_dim)
     k = v = None

@@ -305,8 +305,8 @@ def matmuls(x: jax.Array, ws: list[quant.QTensor | LayerSlice]) -> list[jax.Arra
                 continue
             fmt = w.stack.ggml_type
             if fmt in _PALLAS_MATMUL_TYPES and _pallas_matmul(_batched_decode(x), x, fmt):
-                groups.setdefault((fmt, w.stack.shape[0], w.stack.shape[-1], id(w.index)), [])
-                groups[fmt, w.stack.shape[0], w.stack.shape[-1], id(w.index)].append(i)
+                key = (fmt, w.stack.shape[0], w.stack.shape[-1], id(w.index))
+                groups.setdefault(key, []).append(i)
         for (fmt, *_), idx in groups.items():
             if len(idx) < 2:
                 continue

@@ -262,21 +262,20 @@ class _FieldLoads:
         return o.loaded[-1] if o.current is None else next(o.current)
 
 
-def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm, merged=None):
+def _vector_kernel(*refs, fmt, names, bm, bn, nbk, weights, steps, split, grouped, asm):
     """CUDA-core matvec over one ``[bn]``-row tile of W and one K split.
 
     refs (in order):
       experts_ref: [P] int32 expert of each pair (grouped only)
       xrow_ref: [P] int32 row of x of each pair (grouped only)
       x_ref: [Mp, K/B, S, R] in x's dtype (converted here: no separate XLA convert launch)
-      *field refs: ``qtiles.field_views`` of W, ``[(E,) N, K/B, ...]``
-      o_ref: [split, Mp, N] f32 if split > 1 else [Mp, N] x.dtype
-    grid: (cdiv(N, bn), Mp / bm (pairs if grouped), split)
+      *field refs: ``qtiles.field_views`` of each weight in turn, ``[(E,) N_g, K/B, ...]``
+      *o_refs, one per weight: [split, Mp, N_g] f32 if split > 1 else [Mp, N_g] x.dtype
+    grid: (row tiles of all weights, Mp / bm (pairs if grouped), split)
 
-    ``merged`` (``stacked_qmatmul_many``): several weights of one format and K behind one
-    launch, ``((first row tile, N), ...)``; the field refs then hold each weight's fields in
-    turn and there is one o_ref per weight. Each program runs the tile of the weight its row
-    tile falls in (the others' code is skipped by a branch on ``program_id``).
+    ``weights`` is ``((first row tile, N), ...)``: usually one weight; several of one format
+    and K (``stacked_qmatmul_many``) share one launch, each program running the tile of the
+    weight its row tile falls in (the others' code skipped by a branch on ``program_id``).
 
     The loop is software-pipelined by hand: step t's weight bytes and x are loaded (into
     registers) during step t - 1, so each program always has a tile in flight. Without it a
@@ -287,29 +286,22 @@ def _vector_kernel(*refs, fmt, names, bm, bn, nbk, n, steps, split, grouped, asm
     if grouped:
         experts_ref, xrow_ref, x_ref, *refs = refs
     else:
-        x_ref, *refs = refs
+        (x_ref, *refs), experts_ref, xrow_ref = refs, None, None
     # Program ids read here, outside any branch (interpret mode lowers them only at top level).
     pid_n, pid_m, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    if merged is None:
-        w_refs, (o_ref,) = dict(zip(names, refs[:-1], strict=True)), refs[-1:]
-        return _vector_tile(
-            x_ref, w_refs, o_ref, (pid_n, pid_m, pid_s), experts_ref if grouped else None,
-            xrow_ref if grouped else None, fmt=fmt, bm=bm, bn=bn, nbk=nbk, n=n, steps=steps,
-            split=split, asm=asm,
-        )  # fmt: skip
-    # A merged call: weight g owns row tiles [first_g, first_g + cdiv(N_g, bn)) of the grid.
     nf = len(names)
-    o_refs = refs[len(merged) * nf :]
-    for g, (first, n_g) in enumerate(merged):
-        w_refs = dict(zip(names, refs[g * nf : (g + 1) * nf], strict=True))
-
-        @pl.when((pid_n >= first) & (pid_n < first + pl.cdiv(n_g, bn)))
-        def _(w_refs=w_refs, o_ref=o_refs[g], first=first, n_g=n_g):
-            _vector_tile(
-                x_ref, w_refs, o_ref, (pid_n - first, pid_m, pid_s),
-                experts_ref if grouped else None, xrow_ref if grouped else None, fmt=fmt, bm=bm,
-                bn=bn, nbk=nbk, n=n_g, steps=steps, split=split, asm=asm,
-            )  # fmt: skip
+    o_refs = refs[len(weights) * nf :]
+    for g, (first, n_g) in enumerate(weights):
+        tile = functools.partial(
+            _vector_tile, x_ref, dict(zip(names, refs[g * nf : (g + 1) * nf], strict=True)),
+            o_refs[g], (pid_n - first if first else pid_n, pid_m, pid_s), experts_ref, xrow_ref,
+            fmt=fmt, bm=bm,
+            bn=bn, nbk=nbk, n=n_g, steps=steps, split=split, asm=asm,
+        )  # fmt: skip
+        if len(weights) == 1:
+            tile()  # the whole grid is this weight's: no branch
+        else:
+            pl.when((pid_n >= first) & (pid_n < first + pl.cdiv(n_g, bn)))(tile)
 
 
 def _vector_tile(
@@ -480,10 +472,9 @@ def _finish(y, split: int, dtype):
     return y.sum(axis=0).astype(dtype) if split > 1 else y
 
 
-def _vector_call(x2, fmt, views, n, bs, interpret, *, experts=None, x_rows=None):
-    """The vector kernel over one weight (``views`` a dict, ``n`` an int) or, merged into one
-    launch, several of one format and K (``views`` a list of dicts, ``n`` a list; returns a
-    list of outputs)."""
+def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None):
+    """The vector kernel over the weights ``views`` (a list of field-view dicts of one format
+    and K, ``ns`` their row counts) in one launch; a list of outputs, one per weight."""
     spec = qtiles.get_format(fmt)
     k = x2.shape[1]
     nb = k // spec.block
@@ -498,8 +489,6 @@ def _vector_call(x2, fmt, views, n, bs, interpret, *, experts=None, x_rows=None)
         m_programs = pl.cdiv(x2.shape[0], bm)
         mp = rows_out = m_programs * bm
         pre = []
-    many = isinstance(views, list)
-    views_list, ns = (views, list(n)) if many else ([views], [n])
     xv = _x_view(x2, fmt, mp, x2.dtype)
     split, nbk = bs.split_k, bs.block_k // spec.block
     out_dtype = jnp.float32 if split > 1 else x2.dtype
@@ -508,20 +497,18 @@ def _vector_call(x2, fmt, views, n, bs, interpret, *, experts=None, x_rows=None)
         for n_g in ns
     ]
     tiles = [pl.cdiv(n_g, bs.block_n) for n_g in ns]
-    firsts = [sum(tiles[:g]) for g in range(len(ns))]
     kernel = functools.partial(
         _vector_kernel,
         fmt=fmt,
-        names=tuple(views_list[0]),
+        names=tuple(views[0]),
         bm=bm,
         bn=bs.block_n,
         nbk=nbk,
-        n=ns[0],
+        weights=tuple((sum(tiles[:g]), n_g) for g, n_g in enumerate(ns)),
         steps=nb // nbk,
         split=split,
         grouped=grouped,
         asm=_use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps),
-        merged=tuple(zip(firsts, ns, strict=True)) if many else None,
     )
     ys = pl.pallas_call(
         kernel,
@@ -530,9 +517,8 @@ def _vector_call(x2, fmt, views, n, bs, interpret, *, experts=None, x_rows=None)
         compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name=f"qmatmul_vector_{fmt.lower()}",
-    )(*pre, xv, *(a for v in views_list for a in v.values()))
-    ys = [_finish(y, split, x2.dtype) for y in ys]
-    return ys if many else ys[0]
+    )(*pre, xv, *(a for v in views for a in v.values()))
+    return [_finish(y, split, x2.dtype) for y in ys]
 
 
 def _mma_call(x2, fmt, views, n, bs, interpret, *, ragged=None):
@@ -617,7 +603,7 @@ def qmatmul(
     bs = (block_sizes or BlockSizes()).resolve(fmt, m=m, n=n_pad, k=k)
     with jax.named_scope(f"qmatmul_{fmt}"):
         if bs.kernel == "vector":
-            y = _vector_call(x2, fmt, views, n_pad, bs, interpret)
+            [y] = _vector_call(x2, fmt, [views], [n_pad], bs, interpret)
         else:
             y = _mma_call(x2, fmt, views, n_pad, bs, interpret)
     return y[:m, :n].reshape(*x.shape[:-1], n)
@@ -675,8 +661,8 @@ def stacked_qmatmul(
         layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, lead[0] - 1)
         rows = jnp.arange(m, dtype=jnp.int32)
         with jax.named_scope(f"stacked_qmatmul_{fmt}"):
-            y = _vector_call(
-                x2, fmt, views, n_pad, bs, interpret, experts=jnp.full((m,), layer), x_rows=rows
+            [y] = _vector_call(
+                x2, fmt, [views], [n_pad], bs, interpret, experts=jnp.full((m,), layer), x_rows=rows
             )
         return y[:, :n].reshape(*x.shape[:-1], n)
     n_layers, n, views, n_pad, bs = _expert_setup(fmt, fields, x2, block_sizes, m, "stacked")
@@ -823,7 +809,9 @@ def grouped_qmatmul(
         bs = dataclasses.replace(bs, kernel="vector", block_m=1)  # one program row per pair
         bs = bs.resolve(fmt, m=pairs, n=n_pad, k=k)
         with jax.named_scope(f"grouped_qmatmul_{fmt}"):
-            y = _vector_call(x2, fmt, views, n_pad, bs, interpret, experts=experts, x_rows=x_rows)
+            [y] = _vector_call(
+                x2, fmt, [views], [n_pad], bs, interpret, experts=experts, x_rows=x_rows
+            )
         return y[:, :n].reshape(t, kc, n)
     order = jnp.argsort(experts, stable=True)
     xs = x2[x_rows[order]]
