@@ -39,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 2560
-# Pallas vector-kernel tiles (kernel, block_m, block_n, block_k, split_k, num_warps, stages).
+# Pallas kernel tiles (kernel, block_m, block_n, block_k, split_k, num_warps, stages).
 PALLAS_TILES = (
     (None,) * 7,  # the heuristic's choice
     ("vector", 1, 64, 256, 2, 4, 3),

@@ -145,3 +145,32 @@ def test_auto_mode_sends_batched_decode_to_the_kernel(monkeypatch, shape, kernel
         out = ops.matmul(x, w)
     assert bool(calls) == kernel
     _check(out, quant.matmul_reference(x, w), jnp.float32)
+
+
+def test_matmuls_merges_one_row_projections_of_a_format(monkeypatch):
+    # ops.matmuls: one row against layer slices of stacks that take the Pallas vector kernel;
+    # those of one format go through ONE stacked_qmatmul_many call, the odd one out through
+    # matmul, and every output equals the reference of its own weight at that layer.
+    # GEMMA4_JAX_MERGE_MATVEC=0 gives one call per weight with the same values.
+    from pallas_kernels import qmatmul as qk
+
+    stack = lambda fmt, n, seed: jax.tree.map(
+        lambda *a: jnp.stack(a), *(_weight(fmt, n, 512, seed=seed + i) for i in range(3))
+    )
+    ws = [stack("Q4_K", 24, 0), stack("Q6_K", 16, 10), stack("Q4_K", 40, 20)]
+    layer = jnp.int32(1)
+    x = random_x((1, 1, 512), jnp.float32, seed=3)
+    refs = [quant.matmul_reference(x, jax.tree.map(lambda a: a[1], w)) for w in ws]
+    calls = []
+    real = qk.stacked_qmatmul_many
+    monkeypatch.setattr(
+        qk, "stacked_qmatmul_many", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw)
+    )
+    for merge, want in (("1", ["Q4_K"]), ("0", [])):
+        calls.clear()
+        monkeypatch.setenv("GEMMA4_JAX_MERGE_MATVEC", merge)
+        with ops.use_kernels("auto"):
+            outs = ops.matmuls(x, [ops.LayerSlice(w, layer) for w in ws])
+        assert calls == want
+        for out, ref in zip(outs, refs, strict=True):
+            _check(out, ref, jnp.float32)
