@@ -118,6 +118,26 @@ def _one_row(x) -> bool:
     return math.prod(x.shape[:-1]) == 1
 
 
+def _row_tiles(x, k: int):
+    """Tile override for one-row vector-kernel calls with K <= maxk, from
+    GEMMA4_JAX_MATVEC_TILE="block_n,num_warps,split_k,maxk" (split_k 0: the heuristic's);
+    unset: None (the heuristic). An A/B knob for decode_probe, read at trace time."""
+    env = os.environ.get("GEMMA4_JAX_MATVEC_TILE")
+    if not env or not _one_row(x):
+        return None
+    try:
+        bn, warps, split, maxk = (int(v) for v in env.split(","))
+    except ValueError:
+        raise ValueError(
+            f"GEMMA4_JAX_MATVEC_TILE={env!r} must be 'block_n,num_warps,split_k,maxk'"
+        ) from None
+    if k > maxk:
+        return None
+    from pallas_kernels import qmatmul as qk
+
+    return qk.BlockSizes(block_n=bn, num_warps=warps, split_k=split or None)
+
+
 # Batch-1 matmuls on the Pallas vector kernel in `auto` mode. Measured on the H100 (E4B, one
 # process each): Q4_K_M 216.1 -> 235.1 tok/s with Q4_K and Q6_K on the kernel (run r; XLA's
 # K-quant reductions are issue-bound at ~0.86 TB/s), 214-219 -> 249-253 with run s's kernel;
@@ -264,8 +284,9 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
             from pallas_kernels import qmatmul as qk
 
             return qk.stacked_qmatmul(
-                x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret()
-            )
+                x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret(),
+                block_sizes=_row_tiles(x, x.shape[-1]),
+            )  # fmt: skip
         w = w.take()
     use = _pallas_matmul(batched, x, w.ggml_type)
     if use and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
@@ -314,7 +335,7 @@ def matmuls(x: jax.Array, ws: list[quant.QTensor | LayerSlice]) -> list[jax.Arra
 
             ys = qk.stacked_qmatmul_many(
                 x, fmt, [_fields(ws[i].stack) for i in idx], ws[idx[0]].index,
-                interpret=_interpret(),
+                interpret=_interpret(), block_sizes=_row_tiles(x, x.shape[-1]),
             )  # fmt: skip
             for i, y in zip(idx, ys, strict=True):
                 out[i] = y

@@ -101,6 +101,7 @@ GATHER_MAX_PAIRS = 16  # grouped: up to this many (token, choice) pairs, one vec
 _TARGET_PROGRAMS = 512
 _SMS = 132  # H100 SXM
 _MIN_DOT = 16  # Triton dots need every dimension >= 16
+_MIN_VECTOR_N = 8  # the vector kernel has no dot: 8-row tiles are allowed
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -110,7 +111,7 @@ class BlockSizes:
     Attributes:
       kernel: ``"vector"`` (CUDA cores, tiny M) or ``"mma"`` (tensor cores).
       block_m: rows of x per program (vector: rows sharing one pass over W, unrolled).
-      block_n: rows of W per program (a power of two >= 16).
+      block_n: rows of W per program (a power of two >= 16; >= 8 for the vector kernel).
       block_k: K elements per loop step. vector: whole quant blocks, each run tile is
         ``[block_n, block_k / B, R]``. mma: the K of each ``dot``; at least a quant block it
         spans ``block_k / B`` blocks (all runs joined), below it ``block_k / R`` runs of one
@@ -167,10 +168,11 @@ class BlockSizes:
         bn = self.block_n or bn
         if kernel == "mma" and (bm < _MIN_DOT or not _compat.is_pow2(bm)):
             raise ValueError(f"mma {bm=} must be a power of two >= {_MIN_DOT}")
-        if bn < _MIN_DOT or not _compat.is_pow2(bn):
-            raise ValueError(f"{bn=} must be a power of two >= {_MIN_DOT}")
+        min_n = _MIN_VECTOR_N if kernel == "vector" else _MIN_DOT
+        if bn < min_n or not _compat.is_pow2(bn):
+            raise ValueError(f"{bn=} must be a power of two >= {min_n}")
         # A tile never exceeds N (the last tile is shifted back, see the module docstring).
-        bn = max(_MIN_DOT, min(bn, _floor_pow2(n)))
+        bn = max(min_n, min(bn, _floor_pow2(n)))
         bk = self.block_k or bk
         if not _compat.is_pow2(bk):
             raise ValueError(f"block_k={bk} must be a power of two")
@@ -717,7 +719,7 @@ def stacked_qmatmul_many(
     ns = [n_pad for _, n_pad in prepared]
     # Tiles and split for the merged grid; the row tile must fit the smallest weight.
     bs = dataclasses.replace(base, kernel="vector", block_m=1).resolve(fmt, m=1, n=sum(ns), k=k)
-    bs = dataclasses.replace(bs, block_n=max(_MIN_DOT, min(bs.block_n, _floor_pow2(min(ns)))))
+    bs = dataclasses.replace(bs, block_n=max(_MIN_VECTOR_N, min(bs.block_n, _floor_pow2(min(ns)))))
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, lead[0] - 1)
     with jax.named_scope(f"stacked_qmatmul_many_{fmt}"):
         ys = _vector_call(

@@ -273,6 +273,19 @@ def test_stacked_many_lowers_for_cuda():
         )
 
 
+def test_eight_row_tiles_lower_for_cuda():
+    # 8-row vector tiles on 2 warps (GEMMA4_JAX_MATVEC_TILE A/B runs) keep the inline PTX.
+    x = jax.ShapeDtypeStruct((1, 1, 2560), jnp.bfloat16)
+    layer = jax.ShapeDtypeStruct((), jnp.int32)
+    bs = qm.BlockSizes(block_n=8, num_warps=2)
+    for fmt in ("Q4_K", "Q6_K", "Q8_0"):
+        fs = [_abstract_fields(fmt, (8,), n, 2560) for n in (2048, 512)]
+        _lower_for_cuda(
+            lambda x, fs, i, fmt=fmt: qm.stacked_qmatmul_many(x, fmt, fs, i, block_sizes=bs),
+            x, fs, layer,
+        )  # fmt: skip
+
+
 def test_one_row_tiles():
     # Batch 1: 16-row tiles, split over K up to two programs per SM (264), never past the steps.
     bs = qm.BlockSizes().resolve("Q8_0", m=1, n=20480, k=2560)
@@ -446,6 +459,23 @@ class TestQMatmul:
             one = {name: a[layer] for name, a in f.items()}
             assert out.shape == (m, 1, ns[i])
             _close(out, qm.qmatmul_reference(x, fmt, one), dtype, f"many {fmt} weight {i}")
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    @pytest.mark.parametrize("split", [1, 2])
+    def test_eight_row_tiles(self, fmt, split):
+        # The vector kernel's 8-row tiles (no dot, so under 16 rows is allowed): a merged call
+        # whose weights are not multiples of 8 rows (the last tile shifted back), split or not.
+        n_layers, layer, ns = 2, 1, (20, 12)
+        k = 2 * qtiles.FORMATS[fmt].block
+        fields = [random_fields(fmt, (n_layers,), n, k, seed=20 + i) for i, n in enumerate(ns)]
+        x = random_x((1, k), jnp.float32, seed=6)
+        bs = qm.BlockSizes(block_n=8, num_warps=2, split_k=split)
+        outs = qm.stacked_qmatmul_many(
+            x, fmt, fields, jnp.int32(layer), interpret=self.interpret, block_sizes=bs
+        )
+        for i, (out, f) in enumerate(zip(outs, fields, strict=True)):
+            one = {name: a[layer] for name, a in f.items()}
+            _close(out, qm.qmatmul_reference(x, fmt, one), jnp.float32, f"8-row {fmt} {i}")
 
     def test_stacked_many_needs_one_k(self):
         a = random_fields("Q8_0", (2,), 16, 64)
