@@ -128,7 +128,8 @@ def _project_qkv(c: Gemma4Config, s: LayerSpec, p: dict, x, positions, inv_freq)
     if s.has_kv:
         # K=V layers: V is the raw K projection, normalised without weight and not rotated.
         names += ["attn_k"] if s.k_eq_v else ["attn_k", "attn_v"]
-    ys = ops.matmuls(x, [p[name] for name in names])
+    # parts: at batch 1 the norm+RoPE kernel adds the projections' split-K partials itself.
+    ys = ops.matmuls(x, [p[name] for name in names], parts=True)
     q = ys[0].reshape(b, t, c.n_heads, s.head_dim)
     k = v = None
     if s.has_kv:
@@ -242,7 +243,8 @@ def layer(
             a = ops.decode_attention(
                 q[:, 0], kfull, vfull, ctx["pos"], ring=s.sliding, layer=period
             )[:, None]
-        a = ops.matmul(a.reshape(b, t, c.n_heads * s.head_dim), p["attn_output"])
+        # parts: the residual+norm kernel adds the projection's split-K partials (batch 1).
+        [a] = ops.matmuls(a.reshape(b, t, c.n_heads * s.head_dim), [p["attn_output"]], parts=True)
         # h + post-attention norm of a, then the pre-MLP norm: one kernel when decoding.
         h, y = ops.residual_norm(
             h, a, p["post_attention_norm"], p["ffn_norm"], eps=eps, dtype=dt, site="attn"

@@ -15,7 +15,8 @@ The mode is read when a function is traced: the public entry points (`forward`, 
 `decode_step`, `generate`) make it part of their jit cache key, so flipping the variable
 between calls takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL,
 GEMMA4_JAX_PACKED_MATVEC, GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM,
-GEMMA4_JAX_ATTN_COMBINE, GEMMA4_JAX_PALLAS_MATVEC, GEMMA4_JAX_MERGE_MATVEC; for A/B runs) are
+GEMMA4_JAX_ATTN_COMBINE, GEMMA4_JAX_PALLAS_MATVEC, GEMMA4_JAX_MERGE_MATVEC,
+GEMMA4_JAX_SPLIT_PARTS, GEMMA4_JAX_MATVEC_TILE; for A/B runs) are
 also read at trace time but are NOT part of any cache key: set them before the first call,
 or call `jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
@@ -311,14 +312,52 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
     return quant.matmul_reference(x, w)
 
 
-def matmuls(x: jax.Array, ws: list[quant.QTensor | LayerSlice]) -> list[jax.Array]:
+@dataclasses.dataclass(frozen=True)
+class SplitSum:
+    """A projection left as the split-K partial sums of its Pallas launch, for a Pallas
+    consumer to add while loading (`qk_norm_rope`, `residual_norm`): at batch 1 XLA's summing
+    kernel is a launch of ~1.2 us per projection. `parts` is `[S, *shape]` (f32 when S > 1,
+    else in `dtype`); the value is their f32 sum rounded to `dtype` (`value()`), exactly what
+    the summed matmul returns."""
+
+    parts: jax.Array
+    dtype: jnp.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.parts.shape[1:]
+
+    def reshape(self, *shape) -> SplitSum:
+        return SplitSum(self.parts.reshape(self.parts.shape[0], *shape), self.dtype)
+
+    def value(self) -> jax.Array:
+        return self.parts.astype(jnp.float32).sum(axis=0).astype(self.dtype)
+
+
+def value(a):
+    """`a`, with a `SplitSum` summed (for consumers that are not Pallas kernels)."""
+    return a.value() if isinstance(a, SplitSum) else a
+
+
+def _split_parts() -> bool:
+    """GEMMA4_JAX_SPLIT_PARTS=0: `matmuls(..., parts=True)` sums as usual (A/B runs)."""
+    return os.environ.get("GEMMA4_JAX_SPLIT_PARTS", "1") != "0"
+
+
+def matmuls(
+    x: jax.Array, ws: list[quant.QTensor | LayerSlice], *, parts: bool = False
+) -> list[jax.Array | SplitSum]:
     """`[matmul(x, w) for w in ws]`: several projections of one input (q|k|v, gate|up).
 
     One row of x against stacked weights that take the Pallas vector kernel: those sharing a
     format (and K, and layer) run as ONE launch (`qmatmul.stacked_qmatmul_many`), saving a
     launch's fixed cost per extra weight. GEMMA4_JAX_MERGE_MATVEC=0 turns the merging off
-    (A/B runs); everything else is `matmul` per weight."""
-    out: list[jax.Array | None] = [None] * len(ws)
+    (A/B runs); everything else is `matmul` per weight.
+
+    `parts=True` (for consumers that take them: `qk_norm_rope`, `residual_norm`): the
+    projections of those launches come back as `SplitSum`s, single weights included."""
+    out: list = [None] * len(ws)
+    parts = parts and _split_parts()
     if _one_row(x) and _mesh() is None and os.environ.get("GEMMA4_JAX_MERGE_MATVEC", "1") != "0":
         groups: dict[tuple, list[int]] = {}
         for i, w in enumerate(ws):
@@ -329,16 +368,16 @@ def matmuls(x: jax.Array, ws: list[quant.QTensor | LayerSlice]) -> list[jax.Arra
                 key = (fmt, w.stack.shape[0], w.stack.shape[-1], id(w.index))
                 groups.setdefault(key, []).append(i)
         for (fmt, *_), idx in groups.items():
-            if len(idx) < 2:
+            if len(idx) < 2 and not parts:
                 continue
             from pallas_kernels import qmatmul as qk
 
             ys = qk.stacked_qmatmul_many(
                 x, fmt, [_fields(ws[i].stack) for i in idx], ws[idx[0]].index,
-                interpret=_interpret(), block_sizes=_row_tiles(x, x.shape[-1]),
+                interpret=_interpret(), block_sizes=_row_tiles(x, x.shape[-1]), parts=parts,
             )  # fmt: skip
             for i, y in zip(idx, ys, strict=True):
-                out[i] = y
+                out[i] = SplitSum(y, x.dtype) if parts else y
     return [matmul(x, w) if y is None else y for y, w in zip(out, ws, strict=True)]
 
 
@@ -512,16 +551,25 @@ def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
     layer per step, ~2 us each: 66 per E4B decode step); other paths slice."""
     from pallas_kernels import qk_norm_rope as nr
 
+    xs = [a for a in (q, k, v) if a is not None]
+    as_parts = all(isinstance(a, SplitSum) for a in xs)
+    if _pallas() and _mesh() is None and as_parts:
+        # q, k, v straight from one split-K launch: the kernel adds the partials.
+        q, k, v = (None if a is None else a.parts for a in (q, k, v))
+        extra = dict(parts=True, dtype=xs[0].dtype)
+    else:
+        q, k, v = value(q), value(k), value(v)
+        extra = {}
     if _pallas():
         mesh = _mesh()
         if mesh is None:
             if isinstance(q_w, LayerSlice):
                 return nr.qk_norm_rope(
                     q, k, v, q_w.stack, None if k_w is None else k_w.stack, positions, inv_freq,
-                    eps=eps, interpret=_interpret(), layer=q_w.index,
+                    eps=eps, interpret=_interpret(), layer=q_w.index, **extra,
                 )  # fmt: skip
             return nr.qk_norm_rope(
-                q, k, v, q_w, k_w, positions, inv_freq, eps=eps, interpret=_interpret()
+                q, k, v, q_w, k_w, positions, inv_freq, eps=eps, interpret=_interpret(), **extra
             )
         q_w, k_w = taken(q_w), taken(k_w)
         # Per row and head: rows on "data", whole q heads and (separately) kv heads on "model".
@@ -580,13 +628,17 @@ def residual_norm(h, a, w_a, w_n, *, eps: float, dtype, site: str, scale=None):
             s = scale.stack if isinstance(scale, LayerSlice) else scale[None]
             scale = s.reshape(a_stack.shape[0])  # [L, 1] per-layer scalars -> [L]
         b, _, d = h.shape
+        if isinstance(a, SplitSum):  # the kernel adds the projection's partials itself
+            a, a_dtype = a.parts.reshape(a.parts.shape[0], b, d), a.dtype
+        else:
+            a, a_dtype = a.reshape(b, d), None
         h2, x = rn.residual_norm(
-            h.reshape(b, d), a.reshape(b, d), a_stack, n_stack, layer, layer_next=nxt,
-            scale=scale, eps=eps, out_dtype=dtype, interpret=_interpret(),
+            h.reshape(b, d), a, a_stack, n_stack, layer, layer_next=nxt,
+            scale=scale, eps=eps, out_dtype=dtype, interpret=_interpret(), a_dtype=a_dtype,
         )  # fmt: skip
         return h2.reshape(h.shape), x.reshape(h.shape)
     return rn.residual_norm_reference(
-        h, a, taken(w_a), taken(w_n), eps=eps, out_dtype=dtype,
+        h, value(a), taken(w_a), taken(w_n), eps=eps, out_dtype=dtype,
         scale=None if scale is None else taken(scale),
     )  # fmt: skip
 

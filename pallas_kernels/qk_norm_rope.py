@@ -21,6 +21,11 @@ What is notable here:
   scan hands them over whole and the kernel reads row ``layer`` (loaded inside, like
   decode_attention's stacked caches). A slice before the call is a copy XLA makes per layer
   and step (an E4B decode step: 66 of them, ~2 us each, ~3% of the step).
+- ``parts=True``: q, k, v arrive as split-K partial sums ``[S, B, T, N, D]`` of the projection
+  (S per tensor: ``qmatmul.stacked_qmatmul_many(..., parts=True)``, one launch per format) and
+  the kernel adds them while loading,
+  rounding the sum to ``dtype`` as the unfused path's summed projection is: the same values,
+  one launch per projection fewer than XLA summing them first (batch-1 decode).
 """
 
 from __future__ import annotations
@@ -56,14 +61,25 @@ class BlockSizes:
         return BlockSizes(block_t, self.num_warps or 4)
 
 
-def _norm_rope_head(x_ref, o_ref, w_ref, layer, cos, sin, row_ok, *, eps: float, half: int):
+def _load_half(x_ref, cols, mask, parts):
+    """``x[:, cols]`` in f32; with ``parts`` (a ``[S, bt, D]`` block of split-K partials) their
+    f32 sum, rounded to the output dtype ``parts`` as the summed projection would be."""
+    if parts is None:
+        return _compat.load(x_ref.at[:, cols], mask=mask, other=0).astype(jnp.float32)
+    x = _compat.load(x_ref.at[:, :, cols], mask=mask[None], other=0).astype(jnp.float32)
+    return jnp.sum(x, axis=0).astype(parts).astype(jnp.float32)
+
+
+def _norm_rope_head(
+    x_ref, o_ref, w_ref, layer, cos, sin, row_ok, *, eps: float, half: int, parts=None
+):
     """Normalise one head of ``block_t`` tokens (and rotate it when ``cos`` is given);
-    the weight is row ``layer`` of ``w_ref[L, D]``."""
+    the weight is row ``layer`` of ``w_ref[L, D]``. ``parts``: see ``_load_half``."""
     mask = row_ok[:, None]
     lo = pl.ds(0, half)
     hi = pl.ds(half, half)
-    x1 = _compat.load(x_ref.at[:, lo], mask=mask, other=0).astype(jnp.float32)  # [bt, D/2]
-    x2 = _compat.load(x_ref.at[:, hi], mask=mask, other=0).astype(jnp.float32)  # [bt, D/2]
+    x1 = _load_half(x_ref, lo, mask, parts)  # [bt, D/2]
+    x2 = _load_half(x_ref, hi, mask, parts)  # [bt, D/2]
     ms = (jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / (2 * half)  # [bt]
     r = lax.rsqrt(ms + eps)[:, None]  # [bt, 1]
     x1 = x1 * r
@@ -86,6 +102,7 @@ def _qk_norm_rope_kernel(*refs, heads: tuple[int, ...], has_w: tuple[bool, ...],
     #   x refs        [bt, D] each: q, then k, then v (those present)
     #   out refs      [bt, D] each, same order as the x refs
     eps, half, block_t, seq = kw["eps"], kw["half"], kw["block_t"], kw["seq"]
+    parts = kw["parts"]
     n = len(heads)
     pos_ref, layer_ref, inv_freq_ref = refs[:3]
     n_w = sum(has_w)
@@ -109,13 +126,18 @@ def _qk_norm_rope_kernel(*refs, heads: tuple[int, ...], has_w: tuple[bool, ...],
                 ang = p[:, None] * inv_freq_ref[...].astype(jnp.float32)[None, :]  # [bt, D/2]
                 cos, sin = jnp.cos(ang), jnp.sin(ang)
             _norm_rope_head(
-                x_refs[idx], o_refs[idx], w_refs[idx], layer, cos, sin, row_ok, eps=eps, half=half
-            )
+                x_refs[idx], o_refs[idx], w_refs[idx], layer, cos, sin, row_ok, eps=eps,
+                half=half, parts=parts,
+            )  # fmt: skip
 
         first += heads[idx]
 
 
-def _validate(q, k, v, q_w, k_w, positions, inv_freq, eps, block_sizes, layer):
+def _validate(q, k, v, q_w, k_w, positions, inv_freq, eps, block_sizes, layer, parts):
+    if parts:
+        if any(x is not None and x.ndim != 5 for x in (q, k, v)):
+            raise ValueError("parts=True needs q, k, v as [S, B, T, N, D] partials")
+        q, k, v = (None if x is None else x[0] for x in (q, k, v))
     if q.ndim != 4:
         raise ValueError(f"{q.shape=} must be [B, T, H, D]")
     batch, seq, _, head_dim = q.shape
@@ -148,7 +170,7 @@ def _validate(q, k, v, q_w, k_w, positions, inv_freq, eps, block_sizes, layer):
         raise ValueError(f"{block_sizes=} must be a qk_norm_rope.BlockSizes")
 
 
-@functools.partial(jax.jit, static_argnames=["eps", "interpret", "block_sizes"])
+@functools.partial(jax.jit, static_argnames=["eps", "interpret", "block_sizes", "parts", "dtype"])
 def qk_norm_rope(
     q: jax.Array,  # [B, T, H, D]
     k: jax.Array | None,  # [B, T, Hk, D]
@@ -162,14 +184,21 @@ def qk_norm_rope(
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
     layer: jax.Array | int | None = None,  # [] or [1] int: the row of stacked q_w / k_w
+    parts: bool = False,
+    dtype=None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """Fused RMSNorm (+ RoPE) of q, k, v in one launch; see the module doc."""
-    _validate(q, k, v, q_w, k_w, positions, inv_freq, eps, block_sizes, layer)
+    """Fused RMSNorm (+ RoPE) of q, k, v in one launch; see the module doc.
+
+    ``parts=True``: q, k, v are ``[S, B, T, N, D]`` split-K partials (S may differ per tensor)
+    whose sum (rounded to ``dtype``, default q's) is the projection; the outputs are
+    ``[B, T, N, D]`` in ``dtype``."""
+    _validate(q, k, v, q_w, k_w, positions, inv_freq, eps, block_sizes, layer, parts)
+    out_dtype = jnp.dtype(dtype or q.dtype)  # what partials round to
     if layer is None:  # a stack of one (a reshape: no copy)
         q_w, k_w, layer = q_w[None], None if k_w is None else k_w[None], 0
     # Clamped like jnp's w[layer], so a bad index can never read outside the stack on the GPU.
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(1), 0, q_w.shape[0] - 1)
-    batch, seq, _, head_dim = q.shape
+    batch, seq, _, head_dim = q.shape[-4:]
     half = head_dim // 2
     bs = (block_sizes or BlockSizes()).resolve(seq=seq, head_dim=head_dim)
     if not _compat.is_pow2(bs.block_t):
@@ -178,16 +207,22 @@ def qk_norm_rope(
     xs = [x for x in (q, k, v) if x is not None]
     has_w = tuple([True] + [True] * (k is not None) + [False] * (v is not None))
     ws = [q_w] + ([k_w] if k is not None else [])
-    heads = tuple(x.shape[2] for x in xs)
+    heads = tuple(x.shape[-2] for x in xs)
     firsts = [sum(heads[:i]) for i in range(len(heads))]
 
-    def head_spec(first, n):
+    def head_spec(first, n, split=None):
         def index(b, i, g):  # clamp so programs of other tensors map to a valid (unused) block
             return (b, i, jnp.clip(g - first, 0, n - 1), 0)
 
-        return pl.BlockSpec((None, bs.block_t, None, head_dim), index)
+        if split is None:
+            return pl.BlockSpec((None, bs.block_t, None, head_dim), index)
+        return pl.BlockSpec(
+            (split, None, bs.block_t, None, head_dim), lambda b, i, g: (0, *index(b, i, g))
+        )
 
-    x_specs = [head_spec(f, n) for f, n in zip(firsts, heads, strict=True)]
+    splits = [x.shape[0] if parts else None for x in xs]  # each its own launch's split
+    x_specs = [head_spec(f, n, sp) for f, n, sp in zip(firsts, heads, splits, strict=True)]
+    o_specs = [head_spec(f, n) for f, n in zip(firsts, heads, strict=True)]
     kernel = functools.partial(
         _qk_norm_rope_kernel,
         heads=heads,
@@ -196,6 +231,7 @@ def qk_norm_rope(
         half=half,
         block_t=bs.block_t,
         seq=seq,
+        parts=out_dtype if parts else None,
     )
     outs = pl.pallas_call(
         kernel,
@@ -209,8 +245,8 @@ def qk_norm_rope(
             *[pl.BlockSpec(w.shape, lambda b, i, g: (0, 0)) for w in ws],
             *x_specs,
         ],
-        out_specs=x_specs,
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs],
+        out_specs=o_specs,
+        out_shape=[jax.ShapeDtypeStruct(x.shape[-4:], dtype or x.dtype) for x in xs],
         compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=1),
         interpret=interpret,
         name="qk_norm_rope",

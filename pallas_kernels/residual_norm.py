@@ -18,6 +18,11 @@ both reductions in registers.
 
 The weights come stacked ``[L, D]`` with ``layer`` (read inside the kernel), so the model's
 layer scan passes them whole: a slice before the call would be a copy per layer and step.
+
+``a`` may arrive as split-K partial sums ``[S, R, D]`` of its projection (``a_dtype`` given;
+``qmatmul.stacked_qmatmul_many(..., parts=True)``): the kernel adds them while loading and
+rounds to ``a_dtype``, the value the summed projection would have had, which saves XLA's
+summing launch at batch 1.
 """
 
 from __future__ import annotations
@@ -50,9 +55,9 @@ class BlockSizes:
         return BlockSizes(self.num_warps or (4 if dim <= 4096 else 8))
 
 
-def _residual_norm_kernel(*refs, dim, eps, has_scale):
-    # layer_ref, next_ref [] int32 | h_ref [Dp] f32 | a_ref [Dp] | wa_ref [L, Dp] |
-    # wn_ref [Ln, Dp] | s_ref [L] f32 (only with has_scale) | outs [Dp]
+def _residual_norm_kernel(*refs, dim, eps, has_scale, a_dtype, parts):
+    # layer_ref, next_ref [] int32 | h_ref [Dp] f32 | a_ref [Dp] ([S, Dp] partials) |
+    # wa_ref [L, Dp] | wn_ref [Ln, Dp] | s_ref [L] f32 (only with has_scale) | outs [Dp]
     if has_scale:
         layer_ref, next_ref, h_ref, a_ref, wa_ref, wn_ref, s_ref, h_out, x_out = refs
     else:
@@ -61,11 +66,15 @@ def _residual_norm_kernel(*refs, dim, eps, has_scale):
     ok = jnp.arange(dp, dtype=jnp.int32) < dim  # D padded to a power of two
     layer, nxt = layer_ref[()], next_ref[()]
     cols = pl.ds(0, dp)
-    a = _compat.load(a_ref, mask=ok, other=0).astype(jnp.float32)
+    if parts:  # split-K partials of the projection: their sum, rounded as XLA's sum would be
+        a = _compat.load(a_ref, mask=ok[None], other=0).astype(jnp.float32)
+        a = jnp.sum(a, axis=0).astype(a_dtype).astype(jnp.float32)
+    else:
+        a = _compat.load(a_ref, mask=ok, other=0).astype(jnp.float32)
     w_a = _compat.load(wa_ref.at[layer, cols], mask=ok, other=0).astype(jnp.float32)
     w_n = _compat.load(wn_ref.at[nxt, cols], mask=ok, other=0).astype(jnp.float32)
     r = lax.rsqrt(jnp.sum(a * a) / dim + eps)
-    branch = (a * r * w_a).astype(a_ref.dtype).astype(jnp.float32)  # the model rounds here
+    branch = (a * r * w_a).astype(a_dtype).astype(jnp.float32)  # the model rounds here
     h2 = _compat.load(h_ref, mask=ok, other=0).astype(jnp.float32) + branch
     if has_scale:
         h2 = h2 * _compat.load(s_ref.at[pl.ds(layer, 1)]).astype(jnp.float32)  # [1]
@@ -74,7 +83,11 @@ def _residual_norm_kernel(*refs, dim, eps, has_scale):
     _compat.store(x_out, (h2 * r2 * w_n).astype(x_out.dtype), mask=ok)
 
 
-def _validate(h, a, w_a, w_n, layer, layer_next, scale):
+def _validate(h, a, w_a, w_n, layer, layer_next, scale, a_dtype):
+    if a_dtype is not None:
+        if a.ndim != 3:
+            raise ValueError(f"{a.shape=} must be [S, R, D] partials when a_dtype is given")
+        a = a[0]
     if h.ndim != 2 or a.shape != h.shape:
         raise ValueError(f"{h.shape=} and {a.shape=} must be equal and [R, D]")
     if h.dtype != jnp.float32:
@@ -94,7 +107,9 @@ def _validate(h, a, w_a, w_n, layer, layer_next, scale):
             raise ValueError(f"{name}: shape {jnp.shape(i)} must be one integer (() or (1,))")
 
 
-@functools.partial(jax.jit, static_argnames=["eps", "out_dtype", "interpret", "block_sizes"])
+@functools.partial(
+    jax.jit, static_argnames=["eps", "out_dtype", "interpret", "block_sizes", "a_dtype"]
+)
 def residual_norm(
     h: jax.Array,  # [R, D] f32
     a: jax.Array,  # [R, D]
@@ -108,10 +123,12 @@ def residual_norm(
     layer_next: jax.Array | int | None = None,  # the row of w_n (None: `layer`)
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
+    a_dtype=None,  # given: `a` is [S, R, D] split-K partials of a value in this dtype
 ) -> tuple[jax.Array, jax.Array]:
     """``((h + rms_norm(a, w_a[layer])) * scale[layer], rms_norm(that, w_n[layer_next]))``;
     see the module doc."""
-    _validate(h, a, w_a, w_n, layer, layer_next, scale)
+    _validate(h, a, w_a, w_n, layer, layer_next, scale, a_dtype)
+    parts = a_dtype is not None
     rows, dim = h.shape
     dp = _compat.next_pow2(dim)
     bs = (block_sizes or BlockSizes()).resolve(dim=dim)
@@ -123,17 +140,23 @@ def residual_norm(
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(1), 0, n_a - 1)
     layer_next = jnp.clip(jnp.asarray(layer_next, jnp.int32).reshape(1), 0, n_n - 1)
     row = pl.BlockSpec((None, dp), lambda i: (i, 0))
+    a_row = pl.BlockSpec((a.shape[0], None, dp), lambda i: (0, i, 0)) if parts else row
     index = pl.BlockSpec((None,), lambda i: (0,))
     return pl.pallas_call(
         functools.partial(
-            _residual_norm_kernel, dim=dim, eps=float(eps), has_scale=scale is not None
-        ),
+            _residual_norm_kernel,
+            dim=dim,
+            eps=float(eps),
+            has_scale=scale is not None,
+            a_dtype=jnp.dtype(a_dtype or a.dtype),
+            parts=parts,
+        ),  # fmt: skip
         grid=(rows,),
         in_specs=[
             index,
             index,
             row,
-            row,
+            a_row,
             pl.BlockSpec((n_a, dp), lambda i: (0, 0)),
             pl.BlockSpec((n_n, dp), lambda i: (0, 0)),
             *[pl.BlockSpec((n_a,), lambda i: (0,)) for _ in scales],

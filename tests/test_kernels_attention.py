@@ -692,6 +692,44 @@ class TestQKNormRope:
                     _close(o, r, c.dtype, f"layer {layer} {name}")
                     np.testing.assert_array_equal(np.asarray(sr), np.asarray(r))
 
+    @pytest.mark.parametrize("kv,split", [("qkv", 2), ("k=v", 3), ("q", 1)])
+    def test_split_k_partials(self, kv, split):
+        # parts=True: q/k/v as split-K partials [S, B, T, N, D] in f32 (S = 1: in the output
+        # dtype, as an unsplit launch returns them); the kernel adds them and rounds to bf16,
+        # so the result equals the kernel on the summed, rounded projections exactly.
+        c = NormRopeCase(1, 1, 8, 2, 256, kv, BF16, None, 9000, 39)
+        q, k, v, q_w, k_w, positions, inv_freq = _norm_rope_inputs(c)
+        key = jax.random.PRNGKey(40)
+
+        def partials(x):
+            if x is None or split == 1:
+                return None if x is None else x[None]
+            noise = jax.random.normal(key, (split - 1, *x.shape), F32)
+            return jnp.concatenate([x.astype(F32)[None] - noise.sum(0)[None], noise])
+
+        pq, pk = partials(q), partials(k)
+        pv = pk if kv == "k=v" else (None if v is None else v[None])  # its own split (1)
+        summed = [None if p is None else p.sum(0).astype(BF16) for p in (pq, pk, pv)]
+        layer = jnp.int32(0)
+        w = (q_w[None], None if k_w is None else k_w[None])
+        got = nr.qk_norm_rope(
+            pq, pk, pv, *w, positions, inv_freq, eps=1e-6, interpret=self.interpret,
+            layer=layer, parts=True, dtype=BF16,
+        )  # fmt: skip
+        want = nr.qk_norm_rope(
+            *summed, *w, positions, inv_freq, eps=1e-6, interpret=self.interpret, layer=layer
+        )
+        for name, o, r in zip("qkv", got, want, strict=True):
+            if r is None:
+                assert o is None, name
+            else:
+                assert o.dtype == BF16 and o.shape == r.shape, name
+                np.testing.assert_array_equal(np.asarray(o), np.asarray(r), err_msg=name)
+        with pytest.raises(ValueError, match="partials"):
+            nr.qk_norm_rope(
+                summed[0], None, None, q_w, None, positions, inv_freq, eps=1e-6, parts=True
+            )
+
     def test_validation(self):
         q = jnp.zeros((1, 2, 4, 64), jnp.float32)
         k = jnp.zeros((1, 2, 2, 64), jnp.float32)

@@ -477,6 +477,30 @@ class TestQMatmul:
             one = {name: a[layer] for name, a in f.items()}
             _close(out, qm.qmatmul_reference(x, fmt, one), jnp.float32, f"8-row {fmt} {i}")
 
+    @pytest.mark.parametrize("fmt", ["Q4_K", "Q8_0"])
+    def test_stacked_many_parts(self, fmt):
+        # parts=True: the split-K partials [S, 1, 1, N_g] (a single weight too); their f32 sum
+        # rounded to x's dtype is exactly the summed call's result.
+        n_layers, layer, ns = 2, 1, (40, 24)
+        k = 1024 if fmt == "Q4_K" else 512  # two vector-kernel steps: split_k=2 applies
+        fields = [random_fields(fmt, (n_layers,), n, k, seed=30 + i) for i, n in enumerate(ns)]
+        x = random_x((1, 1, k), jnp.bfloat16, seed=7)
+        bs = qm.BlockSizes(split_k=2)
+        for fs in (fields, fields[:1]):
+            run = lambda parts, fs=fs: qm.stacked_qmatmul_many(
+                x, fmt, fs, jnp.int32(layer), interpret=self.interpret, block_sizes=bs,
+                parts=parts,
+            )  # fmt: skip
+            for p, y, n in zip(run(True), run(False), ns, strict=False):
+                assert p.shape == (2, 1, 1, n) and p.dtype == jnp.float32
+                np.testing.assert_array_equal(
+                    np.asarray(p.sum(0).astype(jnp.bfloat16)), np.asarray(y)
+                )
+        with pytest.raises(ValueError, match="one row"):
+            qm.stacked_qmatmul_many(
+                jnp.zeros((2, k)), fmt, fields, jnp.int32(0), interpret=True, parts=True
+            )
+
     def test_stacked_many_needs_one_k(self):
         a = random_fields("Q8_0", (2,), 16, 64)
         b = random_fields("Q8_0", (2,), 16, 32)

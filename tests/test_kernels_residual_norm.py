@@ -93,6 +93,25 @@ class TestResidualNorm:
                 np.asarray(x.astype(F32)), np.asarray(ref_x.astype(F32)), rtol=1e-2, atol=1e-2
             )
 
+    @pytest.mark.parametrize("split", [1, 2, 4])
+    def test_split_k_partials(self, split):
+        # `a` as split-K partials [S, R, D] (f32; S = 1 in a_dtype, as an unsplit launch
+        # returns it): the kernel adds them and rounds to a_dtype, so the result equals the
+        # kernel on the summed, rounded branch exactly.
+        h, a, w_a, w_n = _inputs(1, 2560, 3, BF16, 9)
+        if split == 1:
+            parts = a[None]
+        else:
+            noise = jax.random.normal(jax.random.PRNGKey(10), (split - 1, *a.shape), F32)
+            parts = jnp.concatenate([a.astype(F32)[None] - noise.sum(0)[None], noise])
+        kw = dict(eps=1e-6, out_dtype=BF16, interpret=self.interpret, scale=jnp.ones(3) * 0.5)
+        got = rn.residual_norm(h, parts, w_a, w_n, 2, a_dtype=BF16, **kw)
+        want = rn.residual_norm(h, parts.sum(0).astype(BF16), w_a, w_n, 2, **kw)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        with pytest.raises(ValueError, match="partials"):
+            rn.residual_norm(h, a, w_a, w_n, 0, a_dtype=BF16, **kw)
+
     def test_layer_index_is_clamped(self):
         h, a, w_a, w_n = _inputs(1, 128, 2, F32, 5)
         got = rn.residual_norm(h, a, w_a, w_n, 7, eps=1e-6, out_dtype=F32, interpret=True)
