@@ -66,8 +66,12 @@ def _load_half(x_ref, cols, mask, parts):
     f32 sum, rounded to the output dtype ``parts`` as the summed projection would be."""
     if parts is None:
         return _compat.load(x_ref.at[:, cols], mask=mask, other=0).astype(jnp.float32)
-    x = _compat.load(x_ref.at[:, :, cols], mask=mask[None], other=0).astype(jnp.float32)
-    return jnp.sum(x, axis=0).astype(parts).astype(jnp.float32)
+    # One load per partial: the Triton lowering needs power-of-two shapes, S need not be one.
+    # (jnp.int32 indices: interpret mode cannot discharge a Python int index of a ref.)
+    x = _compat.load(x_ref.at[jnp.int32(0), :, cols], mask=mask, other=0).astype(jnp.float32)
+    for s in range(1, x_ref.shape[0]):
+        x += _compat.load(x_ref.at[jnp.int32(s), :, cols], mask=mask, other=0).astype(jnp.float32)
+    return x.astype(parts).astype(jnp.float32)
 
 
 def _norm_rope_head(

@@ -807,6 +807,19 @@ class TestTritonLowering:
         bad = [ln for ln in text.splitlines() if stack in ln and any(m in ln for m in moves)]
         assert not bad, bad
 
+    @pytest.mark.parametrize("splits", [(2, 2, 2), (2, 2, 5), (3, 1, 3)])
+    def test_norm_rope_split_k_partials(self, splits):
+        # q, k, v as split-K partials of their own launches (E4B decode: q|k merged, v alone in
+        # another format): S need not be a power of two, which the Triton lowering requires.
+        fn = functools.partial(nr.qk_norm_rope, eps=1e-6, parts=True, dtype=BF16)
+        sq, sk, sv = splits
+        args = (
+            _spec((sq, 1, 1, 8, 256), F32), _spec((sk, 1, 1, 2, 256), F32),
+            _spec((sv, 1, 1, 2, 256), F32), _spec((3, 256), F32), _spec((3, 256), F32),
+            _spec((1, 1), jnp.int32), _spec((128,), F32),
+        )  # fmt: skip
+        lower_for_h100(lambda *a: fn(*a[:7], layer=a[7]), *args, _spec((), jnp.int32))
+
     @pytest.mark.parametrize("c", NORM_ROPE_GPU + NORM_ROPE_CPU, ids=lambda c: c.id)
     def test_norm_rope(self, c: NormRopeCase):
         fn = functools.partial(nr.qk_norm_rope, eps=1e-6, block_sizes=c.block)

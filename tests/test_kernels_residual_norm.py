@@ -159,3 +159,17 @@ def test_triton_lowering_for_h100(with_scale):
     call = next(ln for ln in text.splitlines() if "custom_call" in ln)
     assert call.count("%arg6") == with_scale, call[:300]  # the scale goes in only when given
     assert "broadcast_in_dim %cst" not in text, text[:3000]  # no ones vector built instead
+
+
+@pytest.mark.parametrize("split", [2, 3, 5])
+def test_split_k_partials_lower_for_h100(split):
+    # Split-K partials of the attention output projection (E4B: 2 or, for a lone weight, 5
+    # splits): the Triton lowering needs power-of-two shapes, so the partials load one by one.
+    spec = jax.ShapeDtypeStruct
+    fn = lambda h, a, w_a, w_n, layer: rn.residual_norm(
+        h, a, w_a, w_n, layer, eps=1e-6, out_dtype=BF16, a_dtype=BF16
+    )
+    lower_for_h100(
+        fn, spec((1, 2560), F32), spec((split, 1, 2560), F32), spec((4, 2560), F32),
+        spec((4, 2560), F32), spec((), jnp.int32),
+    )  # fmt: skip
