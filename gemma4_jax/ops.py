@@ -101,13 +101,10 @@ def _batched_decode(x: jax.Array) -> bool:
     return lo <= math.prod(x.shape[:-1]) <= hi and not (x.ndim >= 3 and x.shape[-2] > 1)
 
 
-def _pallas_matmul(
-    batched_decode: bool = False, x=None, fmt: str | None = None, n: int | None = None
-) -> bool:
+def _pallas_matmul(batched_decode: bool = False, x=None, fmt: str | None = None) -> bool:
     """Pallas quantized matmuls: always in `pallas` mode; in `auto` mode for batched decode
     (GEMMA4_JAX_BATCH_QMATMUL=0 turns that off, for A/B runs) and for one-row calls on the
-    formats GEMMA4_JAX_PALLAS_MATVEC lists (`_pallas_matvec_formats`), or on an `[n, K]`
-    weight of at least `TALL_ROWS` rows in a format GEMMA4_JAX_PALLAS_MATVEC_TALL lists."""
+    formats GEMMA4_JAX_PALLAS_MATVEC lists (`_pallas_matvec_formats`)."""
     mode = kernel_mode()
     if mode == "pallas":
         return True
@@ -115,11 +112,7 @@ def _pallas_matmul(
         return False
     if batched_decode and os.environ.get("GEMMA4_JAX_BATCH_QMATMUL", "1") != "0":
         return True
-    if x is None or not _one_row(x):
-        return False
-    return fmt in _pallas_matvec_formats() or (
-        n is not None and n >= TALL_ROWS and fmt in _pallas_matvec_tall_formats()
-    )
+    return x is not None and _one_row(x) and fmt in _pallas_matvec_formats()
 
 
 def _one_row(x) -> bool:
@@ -154,40 +147,19 @@ def _row_tiles(x, k: int):
 PALLAS_MATVEC_DEFAULT = ("Q4_K", "Q6_K")
 
 
-# Batch-1 matmuls of tall weights (>= TALL_ROWS rows: E4B's gate, up and LM head) on the
-# Pallas vector kernel for these formats, the rest on XLA. Measured on the H100 (RESULTS.md
-# run t, bench_qmatmul --trace, GPU-busy per call): Q8_0 10240 x 2560 9.8 us on the kernel
-# against 13.1 on XLA, the LM head 255 against 280; but q / k|v / o 5.9 / 4.0 / 5.6 against
-# 4.2 / 2.4 / 4.4, which is why Q8_0 as a whole stays on XLA.
-TALL_ROWS = 8192
-PALLAS_MATVEC_TALL_DEFAULT: tuple[str, ...] = ()
-
-
-def _pallas_matvec_tall_formats() -> tuple[str, ...]:
-    """GEMMA4_JAX_PALLAS_MATVEC_TALL: as GEMMA4_JAX_PALLAS_MATVEC, for tall weights only
-    (unset: `PALLAS_MATVEC_TALL_DEFAULT`). Read at trace time."""
-    return _format_list("GEMMA4_JAX_PALLAS_MATVEC_TALL", PALLAS_MATVEC_TALL_DEFAULT)
-
-
 def _pallas_matvec_formats() -> tuple[str, ...]:
     """GEMMA4_JAX_PALLAS_MATVEC: comma-separated ggml types whose batch-1 matmuls take the
     Pallas vector kernel in `auto` mode (stacks read in place) instead of XLA's reductions
     (matvec.py); "none" for none. Unset: `PALLAS_MATVEC_DEFAULT`. Read at trace time."""
-    return _format_list("GEMMA4_JAX_PALLAS_MATVEC", PALLAS_MATVEC_DEFAULT)
-
-
-def _format_list(var: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    """Environment variable `var` as comma-separated ggml types ("none": none; unset:
-    `default`), each checked against the types the Pallas matmul supports."""
-    env = os.environ.get(var)
+    env = os.environ.get("GEMMA4_JAX_PALLAS_MATVEC")
     if env is None:
-        return default
+        return PALLAS_MATVEC_DEFAULT
     if env.strip().lower() == "none":
         return ()
     fmts = tuple(f.strip().upper() for f in env.split(",") if f.strip())
     bad = [f for f in fmts if f not in _PALLAS_MATMUL_TYPES]
     if bad:
-        raise ValueError(f"{var} names {bad}, not in {_PALLAS_MATMUL_TYPES}")
+        raise ValueError(f"GEMMA4_JAX_PALLAS_MATVEC names {bad}, not in {_PALLAS_MATMUL_TYPES}")
     return fmts
 
 
@@ -276,10 +248,7 @@ def keep_stacked(w: quant.QTensor, rows: int) -> bool:
         return False
     if kernel_mode() == "pallas":  # every matmul is a Pallas call
         return True
-    if rows == 1 and (
-        w.ggml_type in _pallas_matvec_formats()
-        or (w.shape[-2] >= TALL_ROWS and w.ggml_type in _pallas_matvec_tall_formats())
-    ):
+    if rows == 1 and w.ggml_type in _pallas_matvec_formats():
         return True
     return rows >= AUTO_PALLAS_ROWS[0] or w.ggml_type in ("Q4_K", "Q5_K", "Q6_K")
 
@@ -311,7 +280,7 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
         # The same rule as below, with the stack read in place. (`auto` keeps batch 1 on XLA:
         # the vector kernel in place measured slower there, Q4_K_M 194 vs 206 tok/s, Q8_0 221
         # vs 265; RESULTS.md run n.)
-        use = _pallas_matmul(batched, x, stack.ggml_type, stack.shape[-2])
+        use = _pallas_matmul(batched, x, stack.ggml_type)
         if use and stack.ggml_type in _PALLAS_MATMUL_TYPES and _mesh() is None:
             from pallas_kernels import qmatmul as qk
 
@@ -320,7 +289,7 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
                 block_sizes=_row_tiles(x, x.shape[-1]),
             )  # fmt: skip
         w = w.take()
-    use = _pallas_matmul(batched, x, w.ggml_type, w.shape[-2])
+    use = _pallas_matmul(batched, x, w.ggml_type)
     if use and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
         from pallas_kernels import qmatmul as qk
 
@@ -395,8 +364,7 @@ def matmuls(
             if not isinstance(w, LayerSlice) or not isinstance(w.stack, quant.QTensor):
                 continue
             fmt = w.stack.ggml_type
-            n = w.stack.shape[-2]
-            if fmt in _PALLAS_MATMUL_TYPES and _pallas_matmul(_batched_decode(x), x, fmt, n):
+            if fmt in _PALLAS_MATMUL_TYPES and _pallas_matmul(_batched_decode(x), x, fmt):
                 key = (fmt, w.stack.shape[0], w.stack.shape[-1], id(w.index))
                 groups.setdefault(key, []).append(i)
         for (fmt, *_), idx in groups.items():

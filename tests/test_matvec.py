@@ -118,30 +118,6 @@ def test_pallas_matvec_switch_routes_one_row_to_the_kernel(monkeypatch):
         ops.matmul(x, w)
 
 
-def test_tall_weights_switch(monkeypatch):
-    # GEMMA4_JAX_PALLAS_MATVEC_TALL: batch-1 calls on weights of >= TALL_ROWS rows in the
-    # listed formats take the Pallas vector kernel; shorter weights of that format stay on XLA.
-    from pallas_kernels import qmatmul as qk
-
-    calls = []
-    real = qk.qmatmul
-    monkeypatch.setattr(
-        qk, "qmatmul", lambda *a, **kw: calls.append(a[2]["d"].shape[0]) or real(*a, **kw)
-    )
-    monkeypatch.setattr(ops, "TALL_ROWS", 32)
-    monkeypatch.setenv("GEMMA4_JAX_PALLAS_MATVEC_TALL", "Q8_0")
-    x = random_x((1, 1, 64), jnp.float32, seed=3)
-    for n in (24, 40):
-        w = _weight("Q8_0", n, 64, seed=9)
-        with ops.use_kernels("auto"):
-            out = ops.matmul(x, w)
-        _check(out, quant.matmul_reference(x, w), jnp.float32)
-    assert calls == [40]
-    monkeypatch.setenv("GEMMA4_JAX_PALLAS_MATVEC_TALL", "Q9_X")
-    with pytest.raises(ValueError, match="GEMMA4_JAX_PALLAS_MATVEC_TALL"), ops.use_kernels("auto"):
-        ops.matmul(x, w)
-
-
 @pytest.mark.parametrize(
     "shape,kernel",
     [
