@@ -45,16 +45,6 @@ VARIANTS = {
     "auto+pv_q4k": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "Q4_K"}),
     "auto-merge": ("auto", "", {"GEMMA4_JAX_MERGE_MATVEC": "0"}),
     "auto-parts": ("auto", "", {"GEMMA4_JAX_SPLIT_PARTS": "0"}),
-    # One-row tiles for K <= 4096 (all but the FFN down projection): block_n, warps, split.
-    "auto+t16ns": ("auto", "", {"GEMMA4_JAX_MATVEC_TILE": "16,4,1,4096"}),
-    "auto+t8": ("auto", "", {"GEMMA4_JAX_MATVEC_TILE": "8,2,0,4096"}),
-    "auto+t8ns": ("auto", "", {"GEMMA4_JAX_MATVEC_TILE": "8,2,1,4096"}),
-    "auto+t8all": ("auto", "", {"GEMMA4_JAX_MATVEC_TILE": "8,2,0,99999"}),
-    "auto+pv_q8+t8": (
-        "auto",
-        "",
-        {"GEMMA4_JAX_PALLAS_MATVEC": "Q8_0,Q4_K,Q6_K", "GEMMA4_JAX_MATVEC_TILE": "8,2,0,4096"},
-    ),
     "pallas": ("pallas", "", {}),
     "reference+cmdbuf": ("reference", CMDBUF, {}),
     "auto+cmdbuf": ("auto", CMDBUF, {}),

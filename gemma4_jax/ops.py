@@ -16,7 +16,7 @@ The mode is read when a function is traced: the public entry points (`forward`, 
 between calls takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL,
 GEMMA4_JAX_PACKED_MATVEC, GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM,
 GEMMA4_JAX_ATTN_COMBINE, GEMMA4_JAX_PALLAS_MATVEC, GEMMA4_JAX_MERGE_MATVEC,
-GEMMA4_JAX_SPLIT_PARTS, GEMMA4_JAX_MATVEC_TILE; for A/B runs) are
+GEMMA4_JAX_SPLIT_PARTS; for A/B runs) are
 also read at trace time but are NOT part of any cache key: set them before the first call,
 or call `jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
@@ -117,26 +117,6 @@ def _pallas_matmul(batched_decode: bool = False, x=None, fmt: str | None = None)
 
 def _one_row(x) -> bool:
     return math.prod(x.shape[:-1]) == 1
-
-
-def _row_tiles(x, k: int):
-    """Tile override for one-row vector-kernel calls with K <= maxk, from
-    GEMMA4_JAX_MATVEC_TILE="block_n,num_warps,split_k,maxk" (split_k 0: the heuristic's);
-    unset: None (the heuristic). An A/B knob for decode_probe, read at trace time."""
-    env = os.environ.get("GEMMA4_JAX_MATVEC_TILE")
-    if not env or not _one_row(x):
-        return None
-    try:
-        bn, warps, split, maxk = (int(v) for v in env.split(","))
-    except ValueError:
-        raise ValueError(
-            f"GEMMA4_JAX_MATVEC_TILE={env!r} must be 'block_n,num_warps,split_k,maxk'"
-        ) from None
-    if k > maxk:
-        return None
-    from pallas_kernels import qmatmul as qk
-
-    return qk.BlockSizes(block_n=bn, num_warps=warps, split_k=split or None)
 
 
 # Batch-1 matmuls on the Pallas vector kernel in `auto` mode. Measured on the H100 (E4B, one
@@ -286,7 +266,6 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
 
             return qk.stacked_qmatmul(
                 x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret(),
-                block_sizes=_row_tiles(x, x.shape[-1]),
             )  # fmt: skip
         w = w.take()
     use = _pallas_matmul(batched, x, w.ggml_type)
@@ -374,7 +353,7 @@ def matmuls(
 
             ys = qk.stacked_qmatmul_many(
                 x, fmt, [_fields(ws[i].stack) for i in idx], ws[idx[0]].index,
-                interpret=_interpret(), block_sizes=_row_tiles(x, x.shape[-1]), parts=parts,
+                interpret=_interpret(), parts=parts,
             )  # fmt: skip
             for i, y in zip(idx, ys, strict=True):
                 out[i] = SplitSum(y, x.dtype) if parts else y
