@@ -32,8 +32,10 @@ What is notable here:
     compute-bound; dequantization is paid once per W tile and amortised over ``block_m`` rows.
   * Decode-sized grids are too small for 132 SMs (N=2048 is 32 tiles of 64 rows), so the K
     range is **split** over a third grid axis; the f32 partial sums ``[split, M, N]`` are added
-    by XLA (which can fuse that sum into the consumer). One row of x takes 16-row tiles and
-    splits until there are two programs per SM.
+    by XLA (which can fuse that sum into the consumer), or, with ``parts=True`` at batch 1, by
+    the Pallas kernel that consumes them (norm+RoPE, residual+norm: E4B Q4_K_M 272-275 ->
+    280-283 tok/s, RESULTS.md run t; running without the split was slower). One row of x takes
+    16-row tiles and splits until there are two programs per SM.
 - **Ragged N without masks.** The last N tile is shifted back to end at row N (it overlaps its
   neighbour, whose rows it recomputes bit-identically), so no load or store is ever partial;
   only N < 16 is padded. M is padded to the tile (x is tiny). K is always whole blocks.
