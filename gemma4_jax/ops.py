@@ -265,8 +265,8 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
             from pallas_kernels import qmatmul as qk
 
             return qk.stacked_qmatmul(
-                x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret(),
-            )  # fmt: skip
+                x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret()
+            )
         w = w.take()
     use = _pallas_matmul(batched, x, w.ggml_type)
     if use and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
@@ -533,7 +533,7 @@ def qk_norm_rope(q, k, v, q_w, k_w, positions, inv_freq, *, eps: float):
     xs = [a for a in (q, k, v) if a is not None]
     as_parts = all(isinstance(a, SplitSum) for a in xs)
     if _pallas() and _mesh() is None and as_parts:
-        # q, k, v straight from one split-K launch: the kernel adds the partials.
+        # q, k, v straight from their split-K launches: the kernel adds the partials.
         q, k, v = (None if a is None else a.parts for a in (q, k, v))
         extra = dict(parts=True, dtype=xs[0].dtype)
     else:
