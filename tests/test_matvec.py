@@ -174,3 +174,42 @@ def test_matmuls_merges_one_row_projections_of_a_format(monkeypatch):
         assert calls == want
         for out, ref in zip(outs, refs, strict=True):
             _check(out, ref, jnp.float32)
+
+
+def test_matmuls_parts_reach_the_norm_kernels(monkeypatch):
+    # ops.matmuls(..., parts=True) at one row: every format's launch (a lone weight too) comes
+    # back as an ops.SplitSum whose value is the summed projection, and qk_norm_rope /
+    # residual_norm given SplitSums return what they return on those values.
+    # GEMMA4_JAX_SPLIT_PARTS=0 gives plain arrays again.
+    stack = lambda fmt, n, seed: jax.tree.map(
+        lambda *a: jnp.stack(a), *(_weight(fmt, n, 1024, seed=seed + i) for i in range(2))
+    )
+    d = 32
+    ws = [stack("Q4_K", 4 * d, 0), stack("Q4_K", 2 * d, 10), stack("Q6_K", 2 * d, 20)]
+    layer = jnp.int32(1)
+    x = random_x((1, 1, 1024), jnp.bfloat16, seed=4)  # 2 K steps: split 2
+    with ops.use_kernels("pallas"):
+        parts = ops.matmuls(x, [ops.LayerSlice(w, layer) for w in ws], parts=True)
+        monkeypatch.setenv("GEMMA4_JAX_SPLIT_PARTS", "0")
+        plain = ops.matmuls(x, [ops.LayerSlice(w, layer) for w in ws], parts=True)
+        monkeypatch.delenv("GEMMA4_JAX_SPLIT_PARTS")
+        assert all(isinstance(p, ops.SplitSum) and p.parts.shape[0] == 2 for p in parts)
+        assert not any(isinstance(p, ops.SplitSum) for p in plain)
+        for p, y in zip(parts, plain, strict=True):
+            np.testing.assert_array_equal(np.asarray(p.value()), np.asarray(y))
+        heads = lambda a, n: a.reshape(1, 1, n, d)
+        q_w = jnp.ones((d,)) * 1.5
+        args = (q_w, q_w, jnp.zeros((1, 1), jnp.int32) + 7, jnp.ones((d // 2,)) * 0.1)
+        got = ops.qk_norm_rope(heads(parts[0], 4), heads(parts[1], 2), heads(parts[2], 2),
+                               *args, eps=1e-6)  # fmt: skip
+        want = ops.qk_norm_rope(heads(plain[0], 4), heads(plain[1], 2), heads(plain[2], 2),
+                                *args, eps=1e-6)  # fmt: skip
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        h = random_x((1, 1, 4 * d), jnp.float32, seed=5)
+        norms = (jnp.ones((4 * d,)), jnp.ones((4 * d,)) * 2.0)
+        kw = dict(eps=1e-6, dtype=jnp.bfloat16, site="attn")
+        got = ops.residual_norm(h, parts[0], *norms, **kw)
+        want = ops.residual_norm(h, plain[0], *norms, **kw)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
