@@ -23,9 +23,9 @@ What is notable here:
   and step (an E4B decode step: 66 of them, ~2 us each, ~3% of the step).
 - ``parts=True``: q, k, v arrive as split-K partial sums ``[S, B, T, N, D]`` of the projection
   (S per tensor: ``qmatmul.stacked_qmatmul_many(..., parts=True)``, one launch per format) and
-  the kernel adds them while loading,
-  rounding the sum to ``dtype`` as the unfused path's summed projection is: the same values,
-  one launch per projection fewer than XLA summing them first (batch-1 decode).
+  the kernel adds them while loading, rounding the sum to ``dtype`` as the unfused path's
+  summed projection is: the same values, one launch per projection fewer than XLA summing
+  them first (batch-1 decode).
 """
 
 from __future__ import annotations
@@ -61,29 +61,29 @@ class BlockSizes:
         return BlockSizes(block_t, self.num_warps or 4)
 
 
-def _load_half(x_ref, cols, mask, parts):
-    """``x[:, cols]`` in f32; with ``parts`` (a ``[S, bt, D]`` block of split-K partials) their
-    f32 sum, rounded to the output dtype ``parts`` as the summed projection would be."""
-    if parts is None:
+def _load_half(x_ref, cols, mask, sum_dtype):
+    """``x[:, cols]`` in f32; with ``sum_dtype`` (``x_ref`` then a ``[S, bt, D]`` block of
+    split-K partials) their f32 sum, rounded to ``sum_dtype`` as the summed projection was."""
+    if sum_dtype is None:
         return _compat.load(x_ref.at[:, cols], mask=mask, other=0).astype(jnp.float32)
     # One load per partial: the Triton lowering needs power-of-two shapes, S need not be one.
     # (jnp.int32 indices: interpret mode cannot discharge a Python int index of a ref.)
     x = _compat.load(x_ref.at[jnp.int32(0), :, cols], mask=mask, other=0).astype(jnp.float32)
     for s in range(1, x_ref.shape[0]):
         x += _compat.load(x_ref.at[jnp.int32(s), :, cols], mask=mask, other=0).astype(jnp.float32)
-    return x.astype(parts).astype(jnp.float32)
+    return x.astype(sum_dtype).astype(jnp.float32)
 
 
 def _norm_rope_head(
-    x_ref, o_ref, w_ref, layer, cos, sin, row_ok, *, eps: float, half: int, parts=None
+    x_ref, o_ref, w_ref, layer, cos, sin, row_ok, *, eps: float, half: int, sum_dtype=None
 ):
     """Normalise one head of ``block_t`` tokens (and rotate it when ``cos`` is given);
-    the weight is row ``layer`` of ``w_ref[L, D]``. ``parts``: see ``_load_half``."""
+    the weight is row ``layer`` of ``w_ref[L, D]``. ``sum_dtype``: see ``_load_half``."""
     mask = row_ok[:, None]
     lo = pl.ds(0, half)
     hi = pl.ds(half, half)
-    x1 = _load_half(x_ref, lo, mask, parts)  # [bt, D/2]
-    x2 = _load_half(x_ref, hi, mask, parts)  # [bt, D/2]
+    x1 = _load_half(x_ref, lo, mask, sum_dtype)  # [bt, D/2]
+    x2 = _load_half(x_ref, hi, mask, sum_dtype)  # [bt, D/2]
     ms = (jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / (2 * half)  # [bt]
     r = lax.rsqrt(ms + eps)[:, None]  # [bt, 1]
     x1 = x1 * r
@@ -106,7 +106,7 @@ def _qk_norm_rope_kernel(*refs, heads: tuple[int, ...], has_w: tuple[bool, ...],
     #   x refs        [bt, D] each: q, then k, then v (those present)
     #   out refs      [bt, D] each, same order as the x refs
     eps, half, block_t, seq = kw["eps"], kw["half"], kw["block_t"], kw["seq"]
-    parts = kw["parts"]
+    sum_dtype = kw["sum_dtype"]
     n = len(heads)
     pos_ref, layer_ref, inv_freq_ref = refs[:3]
     n_w = sum(has_w)
@@ -131,7 +131,7 @@ def _qk_norm_rope_kernel(*refs, heads: tuple[int, ...], has_w: tuple[bool, ...],
                 cos, sin = jnp.cos(ang), jnp.sin(ang)
             _norm_rope_head(
                 x_refs[idx], o_refs[idx], w_refs[idx], layer, cos, sin, row_ok, eps=eps,
-                half=half, parts=parts,
+                half=half, sum_dtype=sum_dtype,
             )  # fmt: skip
 
         first += heads[idx]
@@ -235,7 +235,7 @@ def qk_norm_rope(
         half=half,
         block_t=bs.block_t,
         seq=seq,
-        parts=out_dtype if parts else None,
+        sum_dtype=out_dtype if parts else None,
     )
     outs = pl.pallas_call(
         kernel,

@@ -661,19 +661,9 @@ def stacked_qmatmul(
     m = x2.shape[0]
     base = block_sizes or BlockSizes()
     if base.kernel == "vector" or (base.kernel is None and m <= VECTOR_MAX_M):
-        lead, n, k = qtiles.check_fields(fmt, fields)
-        if len(lead) != 1:
-            raise ValueError(f"stacked_qmatmul needs a weight [L, N, K], got leading axes {lead}")
-        _check_x(x2, k)
-        views, n_pad = _prepare_w(fmt, fields, 1)
-        bs = dataclasses.replace(base, kernel="vector", block_m=1).resolve(fmt, m=m, n=n_pad, k=k)
-        layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, lead[0] - 1)
-        rows = jnp.arange(m, dtype=jnp.int32)
         with jax.named_scope(f"stacked_qmatmul_{fmt}"):
-            [y] = _vector_call(
-                x2, fmt, [views], [n_pad], bs, interpret, experts=jnp.full((m,), layer), x_rows=rows
-            )
-        return y[:, :n].reshape(*x.shape[:-1], n)
+            [y] = _stacked_vector(x, fmt, [fields], layer, base, interpret)
+        return y
     n_layers, n, views, n_pad, bs = _expert_setup(fmt, fields, x2, block_sizes, m, "stacked")
     m_tiles = pl.cdiv(m, bs.block_m)
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, n_layers - 1)
@@ -727,30 +717,35 @@ def stacked_qmatmul_many(
             stacked_qmatmul(x, fmt, f, layer, interpret=interpret, block_sizes=block_sizes)
             for f in fields_list
         )
+    with jax.named_scope(f"stacked_qmatmul_many_{fmt}"):
+        return _stacked_vector(x, fmt, fields_list, layer, base, interpret, parts=parts)
+
+
+def _stacked_vector(x, fmt, fields_list, layer, base, interpret, *, parts=False):
+    """``x @ W_g[layer]^T`` for stacks ``W_g[L, N_g, K]`` of one format and K in ONE vector
+    launch, every row of x a pair whose "expert" is ``layer`` (clamped to ``[0, L)``); a tuple
+    of ``[..., N_g]`` results (``parts``: ``[S, ..., N_g]``, see ``_finish``)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
     checked = [qtiles.check_fields(fmt, f) for f in fields_list]
     lead, _, k = checked[0]
     if len(lead) != 1 or any(c[0] != lead or c[2] != k for c in checked):
         shapes = [(*c[0], c[1], c[2]) for c in checked]
-        raise ValueError(f"stacked_qmatmul_many needs [L, N_g, K] stacks of one L and K: {shapes}")
+        raise ValueError(f"stacked qmatmul needs [L, N_g, K] stacks of one L and K: {shapes}")
     _check_x(x2, k)
     prepared = [_prepare_w(fmt, f, 1) for f in fields_list]
     ns = [n_pad for _, n_pad in prepared]
-    # Tiles and split for the merged grid; the row tile must fit the smallest weight.
-    bs = dataclasses.replace(base, kernel="vector", block_m=1).resolve(fmt, m=1, n=sum(ns), k=k)
+    # Tiles and split for the whole grid; the row tile must fit the smallest weight.
+    bs = dataclasses.replace(base, kernel="vector", block_m=1).resolve(fmt, m=m, n=sum(ns), k=k)
     bs = dataclasses.replace(bs, block_n=max(_MIN_VECTOR_N, min(bs.block_n, _floor_pow2(min(ns)))))
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, lead[0] - 1)
-    with jax.named_scope(f"stacked_qmatmul_many_{fmt}"):
-        ys = _vector_call(
-            x2, fmt, [v for v, _ in prepared], ns, bs, interpret,
-            experts=layer.reshape(1), x_rows=jnp.zeros((1,), jnp.int32), parts=parts,
-        )  # fmt: skip
-    if parts:
-        return tuple(
-            y[..., :n].reshape(y.shape[0], *x.shape[:-1], n)
-            for y, (_, n, _) in zip(ys, checked, strict=True)
-        )
-    return tuple(
-        y[:, :n].reshape(*x.shape[:-1], n) for y, (_, n, _) in zip(ys, checked, strict=True)
+    ys = _vector_call(
+        x2, fmt, [v for v, _ in prepared], ns, bs, interpret,
+        experts=jnp.full((m,), layer), x_rows=jnp.arange(m, dtype=jnp.int32), parts=parts,
+    )  # fmt: skip
+    return tuple(  # y is [rows, N_pad], or [S, rows, N_pad] partials
+        y[..., :n].reshape(*y.shape[:-2], *x.shape[:-1], n)
+        for y, (_, n, _) in zip(ys, checked, strict=True)
     )
 
 
