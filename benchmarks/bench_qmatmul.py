@@ -334,8 +334,12 @@ def markdown(results, copy_gbps: float | None, copy_busy_gbps: float | None = No
             busy_ref = copy_busy_gbps or copy_gbps
             busy_pct = f"{100 * r['kernel_gbps'] / busy_ref:.0f}%" if busy_ref else ""
         xla_busy = f"{xla['kernel_us']:.1f}" if xla and "kernel_us" in xla else ""
+        label = r["fmt"]
+        int_dot = r.get("block_sizes", {}).get("int_dot")
+        if int_dot is not None:
+            label += " int dot" if int_dot else " float"
         lines.append(
-            f"| {r['fmt']} | {SHAPE_NAMES.get((r['n'], r['k']), '')} | {shape} | {r['m']} | "
+            f"| {label} | {SHAPE_NAMES.get((r['n'], r['k']), '')} | {shape} | {r['m']} | "
             f"{r['us']:.1f} | {r['gbps']:.0f} | {pct_copy} | {r['tflops']:.1f} | {scan_us} | "
             f"{xla_us} | "
             f"{vs} | {d_us} | {d_tf} | {pct_d} | {busy} | {busy_gbps} | {busy_pct} | {xla_busy} |"
@@ -372,6 +376,11 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="search decode tiles (M <= 64)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes!)")
     p.add_argument(
+        "--int-dot",
+        action="store_true",
+        help="time the vector kernel's integer dot products (M <= 4) beside its float path",
+    )
+    p.add_argument(
         "--trace",
         action="store_true",
         help="also sum each executable's GPU kernel times from a profiler trace (no host share)",
@@ -400,7 +409,11 @@ def main(argv=None) -> int:
     else:
         for (n, k), m in itertools.product(shapes, ms):
             for fmt in formats:
-                jobs.append(Job("kernel", fmt, n, k, m))
+                if a.int_dot and m <= qm.VECTOR_MAX_M and fmt in qtiles.INT_DOT_FORMATS:
+                    for v in (False, True):
+                        jobs.append(Job("kernel", fmt, n, k, m, qm.BlockSizes(int_dot=v)))
+                else:
+                    jobs.append(Job("kernel", fmt, n, k, m))
                 if m in xla_ms:
                     jobs.append(Job("xla", fmt, n, k, m))
                 if m in scan_ms:

@@ -45,6 +45,8 @@ VARIANTS = {
     "auto+pv_q4k": ("auto", "", {"GEMMA4_JAX_PALLAS_MATVEC": "Q4_K"}),
     "auto-merge": ("auto", "", {"GEMMA4_JAX_MERGE_MATVEC": "0"}),
     "auto-parts": ("auto", "", {"GEMMA4_JAX_SPLIT_PARTS": "0"}),
+    "auto+idot": ("auto", "", {"GEMMA4_JAX_INT_DOT": "1"}),
+    "auto-idot": ("auto", "", {"GEMMA4_JAX_INT_DOT": "0"}),
     "pallas": ("pallas", "", {}),
     "reference+cmdbuf": ("reference", CMDBUF, {}),
     "auto+cmdbuf": ("auto", CMDBUF, {}),

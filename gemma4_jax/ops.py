@@ -16,7 +16,7 @@ The mode is read when a function is traced: the public entry points (`forward`, 
 between calls takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL,
 GEMMA4_JAX_PACKED_MATVEC, GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM,
 GEMMA4_JAX_ATTN_COMBINE, GEMMA4_JAX_PALLAS_MATVEC, GEMMA4_JAX_MERGE_MATVEC,
-GEMMA4_JAX_SPLIT_PARTS; for A/B runs) are
+GEMMA4_JAX_SPLIT_PARTS, GEMMA4_JAX_INT_DOT; for A/B runs) are
 also read at trace time but are NOT part of any cache key: set them before the first call,
 or call `jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
@@ -265,8 +265,9 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
             from pallas_kernels import qmatmul as qk
 
             return qk.stacked_qmatmul(
-                x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret()
-            )
+                x, stack.ggml_type, _fields(stack), w.index, interpret=_interpret(),
+                block_sizes=_int_dot_sizes(),
+            )  # fmt: skip
         w = w.take()
     use = _pallas_matmul(batched, x, w.ggml_type)
     if use and w.ggml_type in _PALLAS_MATMUL_TYPES and _matmul_kernel_ok():
@@ -275,7 +276,9 @@ def matmul(x: jax.Array, w: quant.QTensor | LayerSlice) -> jax.Array:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         fields = _fields(w)
-        call = lambda x2, fields: qk.qmatmul(x2, w.ggml_type, fields, interpret=_interpret())
+        call = lambda x2, fields: qk.qmatmul(
+            x2, w.ggml_type, fields, interpret=_interpret(), block_sizes=_int_dot_sizes()
+        )
         mesh = _mesh()
         if mesh is not None:  # data parallel only (`_matmul_kernel_ok`): weights replicated
             rows = P(_split(mesh, "data", x2.shape[0]), None)
@@ -318,6 +321,19 @@ def value(a):
     return a.value() if isinstance(a, SplitSum) else a
 
 
+def _int_dot_sizes():
+    """GEMMA4_JAX_INT_DOT=1 / 0: batch-1 Q4_K matmuls with / without integer dot products
+    (`qmatmul.BlockSizes.int_dot`; A/B runs, read at trace time); unset: the kernel default."""
+    env = os.environ.get("GEMMA4_JAX_INT_DOT", "").strip()
+    if env not in ("", "0", "1"):
+        raise ValueError(f"GEMMA4_JAX_INT_DOT={env!r} must be 0 or 1")
+    if not env:
+        return None
+    from pallas_kernels import qmatmul as qk
+
+    return qk.BlockSizes(int_dot=env == "1")
+
+
 def _split_parts() -> bool:
     """GEMMA4_JAX_SPLIT_PARTS=0: `matmuls(..., parts=True)` sums as usual (A/B runs)."""
     return os.environ.get("GEMMA4_JAX_SPLIT_PARTS", "1") != "0"
@@ -353,7 +369,7 @@ def matmuls(
 
             ys = qk.stacked_qmatmul_many(
                 x, fmt, [_fields(ws[i].stack) for i in idx], ws[idx[0]].index,
-                interpret=_interpret(), parts=parts,
+                interpret=_interpret(), parts=parts, block_sizes=_int_dot_sizes(),
             )  # fmt: skip
             for i, y in zip(idx, ys, strict=True):
                 out[i] = SplitSum(y, x.dtype) if parts else y

@@ -104,6 +104,8 @@ _TARGET_PROGRAMS = 512
 _SMS = 132  # H100 SXM
 _MIN_DOT = 16  # Triton dots need every dimension >= 16
 _MIN_VECTOR_N = 8  # the vector kernel has no dot: 8-row tiles are allowed
+# ``BlockSizes.int_dot=None`` with bf16 x: integer dot products on the formats that have them.
+INT_DOT_DEFAULT = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,6 +123,10 @@ class BlockSizes:
       split_k: K ranges per output tile (a grid axis; partial sums added by XLA).
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth of the K loop.
+      int_dot: vector kernel on ``qtiles.INT_DOT_FORMATS``: integer dot products on x
+        rounded to 15-bit codes per run (``qtiles.quantize_x16``) instead of f32 weights.
+        ``None`` is ``INT_DOT_DEFAULT`` for bf16 x and off otherwise (f32 x keeps the exact
+        float path); True asks for it with any x.
     """
 
     kernel: str | None = None
@@ -130,6 +136,7 @@ class BlockSizes:
     split_k: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    int_dot: bool | None = None
 
     def resolve(self, fmt: str, *, m: int, n: int, k: int, split: bool = True) -> BlockSizes:
         """Fills every ``None`` for an ``[m, k] x [n, k]^T`` call (untuned H100 guesses, to be
@@ -204,6 +211,7 @@ class BlockSizes:
             split_k=sk,
             num_warps=self.num_warps or warps,
             num_stages=self.num_stages or stages,
+            int_dot=self.int_dot,
         )
 
 
@@ -266,13 +274,17 @@ class _FieldLoads:
         return o.loaded[-1] if o.current is None else next(o.current)
 
 
-def _vector_kernel(*refs, fmt, names, bm, bn, nbk, weights, steps, split, grouped, asm):
+def _vector_kernel(
+    *refs, fmt, names, bm, bn, nbk, weights, steps, split, grouped, asm, int_dot=False
+):
     """CUDA-core matvec over one ``[bn]``-row tile of W and one K split.
 
     refs (in order):
       experts_ref: [P] int32 expert of each pair (grouped only)
       xrow_ref: [P] int32 row of x of each pair (grouped only)
-      x_ref: [Mp, K/B, S, R] in x's dtype (converted here: no separate XLA convert launch)
+      x_ref: [Mp, K/B, S, R] in x's dtype (converted here: no separate XLA convert launch);
+        with ``int_dot`` four refs instead: x's planes hi, lo ``[Mp, K/B, S, R]`` and its
+        steps and sums ``[Mp, K/B, S]`` (``qtiles.quantize_x16``)
       *field refs: ``qtiles.field_views`` of each weight in turn, ``[(E,) N_g, K/B, ...]``
       *o_refs, one per weight: [split, Mp, N_g] f32 if split > 1 else [Mp, N_g] x.dtype
     grid: (row tiles of all weights, Mp / bm (pairs if grouped), split)
@@ -287,17 +299,20 @@ def _vector_kernel(*refs, fmt, names, bm, bn, nbk, weights, steps, split, groupe
     (Nsight Compute, 20480 x 2560 Q4_K: 30% of DRAM bandwidth at 46% issue utilisation; with
     the weights ahead but x loaded in its own step, x's loads were the top stall site).
     """
+    nx = 4 if int_dot else 1
     if grouped:
-        experts_ref, xrow_ref, x_ref, *refs = refs
+        experts_ref, xrow_ref, *refs = refs
     else:
-        (x_ref, *refs), experts_ref, xrow_ref = refs, None, None
+        experts_ref = xrow_ref = None
+    x_refs, refs = refs[:nx], refs[nx:]
     # Program ids read here, outside any branch (interpret mode lowers them only at top level).
     pid_n, pid_m, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nf = len(names)
     o_refs = refs[len(weights) * nf :]
     for g, (first, n_g) in enumerate(weights):
         tile = functools.partial(
-            _vector_tile, x_ref, dict(zip(names, refs[g * nf : (g + 1) * nf], strict=True)),
+            _vector_tile_int if int_dot else _vector_tile, *x_refs,
+            dict(zip(names, refs[g * nf : (g + 1) * nf], strict=True)),
             o_refs[g], (pid_n - first if first else pid_n, pid_m, pid_s), experts_ref, xrow_ref,
             fmt=fmt, bm=bm,
             bn=bn, nbk=nbk, n=n_g, steps=steps, split=split, asm=asm,
@@ -312,22 +327,10 @@ def _vector_tile(
     x_ref, w_refs, o_ref, pids, experts_ref, xrow_ref, *, fmt, bm, bn, nbk, n, steps, split, asm
 ):
     """One program of ``_vector_kernel``: row tile ``pids[0]`` of one weight (``w_refs``)."""
-    grouped = experts_ref is not None
-    pid_n, pid_m, pid_s = pids
-    n0 = jnp.minimum(pid_n * bn, n - bn)
-    rows = pl.ds(n0, bn)
-    if grouped:
-        lead = (experts_ref[pid_m], rows)
-        x_rows = [xrow_ref[pid_m]]
-        out_rows = [pid_m]
-    else:
-        lead = (rows,)
-        x_rows = out_rows = [pid_m * bm + i for i in range(bm)]
+    rows, lead, x_rows, out_rows = _tile_rows(pids, experts_ref, xrow_ref, bm=bm, bn=bn, n=n)
+    pid_s = pids[2]
     r = qtiles.get_format(fmt).run
-
-    def blocks(t):
-        start = t * nbk
-        return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, nbk), nbk)
+    blocks = functools.partial(_blocks, nbk=nbk)
 
     n_runs = qtiles.get_format(fmt).runs
 
@@ -357,11 +360,90 @@ def _vector_tile(
     init = ((zeros,) * len(x_rows), tuple(first.loaded), load_x(lo))
     accs, _, _ = lax.fori_loop(lo, hi, body, init)
     for acc, orow in zip(accs, out_rows, strict=True):
-        y = acc.sum(axis=2).sum(axis=1)  # [bn]
-        if split > 1:
-            o_ref[pid_s, orow, rows] = y
-        else:
-            o_ref[orow, rows] = y.astype(o_ref.dtype)
+        _store_row(o_ref, acc.sum(axis=2).sum(axis=1), orow, rows, pid_s, split)
+
+
+def _tile_rows(pids, experts_ref, xrow_ref, *, bm, bn, n):
+    """``(rows, lead index, rows of x, output rows)`` of a vector-kernel program."""
+    pid_n, pid_m, _ = pids
+    rows = pl.ds(jnp.minimum(pid_n * bn, n - bn), bn)
+    if experts_ref is not None:  # grouped: one (expert, row of x) pair per program row
+        return rows, (experts_ref[pid_m], rows), [xrow_ref[pid_m]], [pid_m]
+    x_rows = [pid_m * bm + i for i in range(bm)]
+    return rows, (rows,), x_rows, x_rows
+
+
+def _blocks(t, *, nbk):
+    """The quant blocks of loop step ``t``."""
+    start = t * nbk
+    return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, nbk), nbk)
+
+
+def _store_row(o_ref, y, orow, rows, pid_s, split):
+    if split > 1:
+        o_ref[pid_s, orow, rows] = y
+    else:
+        o_ref[orow, rows] = y.astype(o_ref.dtype)
+
+
+def _vector_tile_int(
+    hi_ref, lo_ref, xs_ref, xsum_ref, w_refs, o_ref, pids, experts_ref, xrow_ref, *,
+    fmt, bm, bn, nbk, n, steps, split, asm,
+):  # fmt: skip
+    """``_vector_tile`` with integer dot products (``qtiles.int_dot_fma``): x comes as the
+    planes of its 15-bit codes, each run's weights as 4-bit codes with a scale and a min, so
+    per four weights the loop spends two ``dp4a`` and a few integer ops where the float path
+    dequantizes every weight and converts every element of x. A run's sum is
+    ``(scale * xs) * sum(code * q) - min * sum(x)``: the first term per group of four
+    (``int_dot_fma``), the min term once per run and row."""
+    rows, lead, x_rows, out_rows = _tile_rows(pids, experts_ref, xrow_ref, bm=bm, bn=bn, n=n)
+    pid_s = pids[2]
+    spec = qtiles.get_format(fmt)
+    s_runs, r = spec.runs, spec.run
+    blocks = functools.partial(_blocks, nbk=nbk)
+
+    def load_x(t):  # per row of x: hi, lo of each run [nbk, R], then xs, xsum of each [nbk]
+        b = blocks(t)
+        return tuple(
+            a
+            for xr in x_rows
+            for a in (
+                *(ref[xr, b, j, :] for ref in (hi_ref, lo_ref) for j in range(s_runs)),
+                *(ref[xr, b, j] for ref in (xs_ref, xsum_ref) for j in range(s_runs)),
+            )
+        )
+
+    lo_step, hi_step = _k_range(pid_s, steps=steps, split=split)
+    first = _TileLoads(w_refs, len(lead), blocks(lo_step))
+    qtiles.int_runs(fmt, first, (*lead, blocks(lo_step)))
+    shape = (bn, nbk, r)
+    per_row = 4 * s_runs
+
+    def body(t, carry):
+        accs, mins, tile, xs_all = carry
+        ahead = jnp.minimum(t + 1, hi_step - 1)
+        loads = _TileLoads(w_refs, len(lead), blocks(ahead), tile)
+        runs = qtiles.int_runs(fmt, loads, (*lead, blocks(t)))
+        accs, mins = list(accs), list(mins)
+        for i in range(len(x_rows)):
+            xa = xs_all[i * per_row : (i + 1) * per_row]
+            for j, (q, nibble, scale, mn) in enumerate(runs):
+                hi, lo = xa[j], xa[s_runs + j]
+                step, xsum = xa[2 * s_runs + j], xa[3 * s_runs + j]
+                sc = jnp.broadcast_to((scale * step[None, :])[..., None], shape)
+                accs[i] = qtiles.int_dot_fma(
+                    q, jnp.broadcast_to(hi[None], shape), jnp.broadcast_to(lo[None], shape),
+                    sc, accs[i], nibble=nibble, asm=asm,
+                )  # fmt: skip
+                mins[i] = qtiles.fma(mn, xsum[None, :], mins[i], asm=asm)
+        return tuple(accs), tuple(mins), tuple(loads.loaded), load_x(ahead)
+
+    zeros, zmins = jnp.zeros(shape, jnp.float32), jnp.zeros((bn, nbk), jnp.float32)
+    init = ((zeros,) * len(x_rows), (zmins,) * len(x_rows), tuple(first.loaded), load_x(lo_step))
+    accs, mins, _, _ = lax.fori_loop(lo_step, hi_step, body, init)
+    for acc, mn, orow in zip(accs, mins, out_rows, strict=True):
+        y = acc.sum(axis=2).sum(axis=1) - mn.sum(axis=1)
+        _store_row(o_ref, y, orow, rows, pid_s, split)
 
 
 def _mma_kernel(*refs, fmt, names, bm, bn, nblk, group, n, steps, split, ragged, precision, asm):
@@ -498,8 +580,13 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
         m_programs = pl.cdiv(x2.shape[0], bm)
         mp = rows_out = m_programs * bm
         pre = []
-    xv = _x_view(x2, fmt, mp, x2.dtype)
     split, nbk = bs.split_k, bs.block_k // spec.block
+    asm = _use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps)
+    int_dot = _int_dot(bs, fmt, x2.dtype) and (interpret or asm)
+    if int_dot:
+        xv = qtiles.quantize_x16(_pad_axis(x2, 0, mp), fmt)
+    else:
+        xv = (_x_view(x2, fmt, mp, x2.dtype),)
     out_dtype = jnp.float32 if split > 1 else x2.dtype
     out_shapes = [
         jax.ShapeDtypeStruct((split, rows_out, n_g) if split > 1 else (rows_out, n_g), out_dtype)
@@ -517,7 +604,8 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
         steps=nb // nbk,
         split=split,
         grouped=grouped,
-        asm=_use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps),
+        asm=asm,
+        int_dot=int_dot,
     )
     ys = pl.pallas_call(
         kernel,
@@ -526,8 +614,17 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
         compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name=f"qmatmul_vector_{fmt.lower()}",
-    )(*pre, xv, *(a for v in views for a in v.values()))
+    )(*pre, *xv, *(a for v in views for a in v.values()))
     return [_finish(y, split, x2.dtype, parts) for y in ys]
+
+
+def _int_dot(bs: BlockSizes, fmt: str, dtype) -> bool:
+    """Whether a vector call takes integer dot products (``BlockSizes.int_dot``)."""
+    if fmt not in qtiles.INT_DOT_FORMATS:
+        return False
+    if bs.int_dot is None:
+        return INT_DOT_DEFAULT and jnp.dtype(dtype) == jnp.bfloat16
+    return bs.int_dot
 
 
 def _mma_call(x2, fmt, views, n, bs, interpret, *, ragged=None):

@@ -57,8 +57,13 @@ __all__ = [
     "codes_ptx",
     "dequantize",
     "field_views",
+    "INT_DOT_FORMATS",
     "fma",
     "get_format",
+    "int_dot_fma",
+    "int_dot_ptx",
+    "int_runs",
+    "quantize_x16",
     "join_runs",
     "permute_for_join",
     "tile_runs",
@@ -363,6 +368,117 @@ def tile_runs(
     spec = get_format(fmt)
     want = range(spec.runs) if runs is None else runs
     return _RUNS[fmt](refs, tuple(index), asm, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer dot products: x as two int8 planes of a 15-bit code per run (batch-1 vector kernel)
+# ---------------------------------------------------------------------------------------------
+# Formats whose runs ``int_runs`` gives as raw codes (one scale and one min per run).
+INT_DOT_FORMATS = ("Q4_K",)
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds |v| < 2**22 to an integer, in the bits
+_ROUND_BITS = 0x4B400000  # its bit pattern
+
+
+def quantize_x16(x: jax.Array, fmt: str):
+    """``x[M, K]`` as per-run integer codes for ``int_dot_fma``: ``(hi, lo, xs, xsum)``.
+
+    Each run of R elements gets a power-of-two step ``xs`` with every ``|x / xs| < 2**14``;
+    ``q = round(x / xs) = 256 * hi + lo`` with ``hi`` int8 in [-64, 64] and ``lo`` uint8, so a
+    run's dot with 4-bit codes is two ``dp4a`` per four weights, exact in int32. The step is a
+    power of two, so ``x / xs`` is exact and only the rounding to an integer loses anything:
+    for a bf16 x (8 significant bits) every element within 2**6 of the run's largest is exact,
+    smaller ones are off by at most ``2**-15`` of the largest. ``xsum`` (the runs' sums of x
+    itself, f32) carries the formats' min term. Shapes: hi/lo ``[M, K/B, S, R]``, xs/xsum
+    ``[M, K/B, S]``.
+    """
+    spec = get_format(fmt)
+    m, k = x.shape
+    xf = x.astype(jnp.float32).reshape(m, k // spec.block, spec.runs, spec.run)
+    amax = jnp.max(jnp.abs(xf), axis=-1)
+    # amax < 2**(e - 126) for its biased exponent e; the step 2**(e - 140) leaves 14 bits.
+    # e >= 14 keeps both powers normal (a run of zeros, or of values below 2**-113).
+    e = jnp.maximum((lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF, 14)
+    xs = lax.bitcast_convert_type((e - 13) << 23, jnp.float32)
+    inv = lax.bitcast_convert_type((267 - e) << 23, jnp.float32)
+    q = jnp.round(xf * inv[..., None]).astype(jnp.int32)  # the product is exact
+    hi = (q >> 8).astype(jnp.int8)
+    lo = (q & 0xFF).astype(jnp.uint8)
+    return hi, lo, xs, xf.sum(axis=-1)
+
+
+def int_runs(fmt: str, refs: Mapping, index: tuple) -> list[tuple]:
+    """The ``S`` runs of the blocks at ``index`` (as ``tile_runs``) as raw codes, for
+    ``int_dot_fma``: ``(packed bytes [..., R], nibble, scale [...], min [...])`` per run, the
+    run's weights being ``scale * nibble(bytes) - min`` (f32, exact as in ``tile_runs``)."""
+    if fmt not in INT_DOT_FORMATS:
+        raise ValueError(f"integer dot products cover {INT_DOT_FORMATS}, not {fmt}")
+    ix = tuple(index)
+    d = _f32(refs["d"][ix])
+    dmin = _f32(refs["dmin"][ix])
+    chunks = [refs["qs"][(*ix, c, slice(None))] for c in range(4)]  # uint8 [..., 32] each
+    return [
+        (chunks[j // 2], j % 2, d * _f32(refs["sc"][(*ix, j)]), dmin * _f32(refs["m"][(*ix, j)]))
+        for j in range(get_format(fmt).runs)
+    ]
+
+
+def int_dot_ptx(nibble: int) -> str:
+    """Inline PTX for ``int_dot_fma`` on four elements: ``$4`` packed code bytes, ``$5`` / ``$6``
+    packed hi (int8) / lo (uint8) planes of x, ``$7`` the scale (``$8-$10``: its copies),
+    ``$11-$14`` the accumulators in, ``$0-$3`` out."""
+    extract = (
+        ["and.b32 c, $4, 0x0F0F0F0F;"]
+        if nibble == 0
+        else ["shr.b32 c, $4, 4;", "and.b32 c, c, 0x0F0F0F0F;"]
+    )
+    return "\n".join(
+        ["{", ".reg .b32 c, h, l;", *extract]
+        + [
+            "dp4a.u32.s32 h, c, $5, 0;",  # sum of code * hi (signed)
+            "dp4a.u32.u32 l, c, $6, 0;",  # sum of code * lo (unsigned)
+            "mad.lo.s32 h, h, 256, l;",  # the exact integer dot, |h| < 2**22
+            f"add.s32 h, h, {_ROUND_BITS:#x};",  # magic-number int -> float (full rate)
+            f"sub.f32 h, h, 0f{_ROUND_BITS:08X};",
+            "fma.rn.f32 $0, h, $7, $11;",
+            "mov.b32 $1, $12;",
+            "mov.b32 $2, $13;",
+            "mov.b32 $3, $14;",
+            "}",
+        ]
+    )
+
+
+def int_dot_fma(q, hi, lo, scale, acc, *, nibble: int, asm: bool) -> jax.Array:
+    """``acc`` plus ``scale * sum(code * (256 * hi + lo))`` over each group of 4 consecutive
+    elements, added to the group's first element (the other three pass through).
+
+    ``q`` holds the packed code bytes (``nibble`` 0 or 1 of each), ``hi``/``lo`` x's planes
+    (``quantize_x16``), all of ``acc``'s shape ``[..., R]`` (broadcast by the caller); ``scale``
+    is the same for the 4 elements of a group. With ``asm`` (compiled kernels) one inline-PTX
+    call per 4 elements does it with two ``dp4a``: ~2 instructions per weight where the float
+    path (``tile_runs`` + ``fma``) spends ~5 plus x's conversion. Which 4 elements the compiled
+    call groups is Triton's packing order (4 consecutive elements a thread holds): the vector
+    kernel's run tiles keep 16 consecutive bytes per thread, so a group never leaves a run.
+    """
+    if asm:
+        from jax.experimental.pallas import triton as plgpu
+
+        [y] = plgpu.elementwise_inline_asm(
+            int_dot_ptx(nibble),
+            args=[q, hi, lo, scale, acc],
+            constraints="=r,=r,=r,=r," + ",".join("r" * 11),
+            pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(acc.shape, jnp.float32)],
+        )
+        return y
+    codes = ((q >> 4 * nibble) & 15).astype(jnp.int32)
+    prod = codes * (hi.astype(jnp.int32) * 256 + lo.astype(jnp.int32))
+    *lead, r = acc.shape
+    groups = prod.reshape(*lead, r // 4, 4).sum(axis=-1).astype(jnp.float32)
+    first = scale.reshape(*lead, r // 4, 4)[..., 0] * groups
+    one_hot = lax.broadcasted_iota(jnp.int32, (*lead, r // 4, 4), len(lead) + 1) == 0
+    add = jnp.where(one_hot, first[..., None], 0.0).reshape(acc.shape)
+    return acc + add
 
 
 def join_runs(runs: list[jax.Array]) -> jax.Array:

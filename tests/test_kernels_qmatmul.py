@@ -166,7 +166,7 @@ def _run_ptx(text: str, regs: dict[str, int]) -> dict[str, int]:
             continue
         op, rest = line.split(None, 1)
         d, *src = [a.strip() for a in rest.split(",")]
-        v = [regs[a] if a in regs else int(a, 0) for a in src]
+        v = [regs[a] if a in regs else _ptx_literal(a) for a in src]
         if op == "mov.b32":
             r = v[0]
         elif op == "and.b32":
@@ -188,10 +188,102 @@ def _run_ptx(text: str, regs: dict[str, int]) -> dict[str, int]:
                 if sel & 8:
                     byte = 0xFF if byte & 0x80 else 0
                 r |= byte << 8 * i
+        elif op.startswith("dp4a."):  # dp4a.atype.btype: c + sum of 4 byte products
+            _, at, bt = op.split(".")
+            a, b = (_bytes(w, t == "s32") for w, t in ((v[0], at), (v[1], bt)))
+            r = _s32(v[2]) + sum(x * y for x, y in zip(a, b, strict=True))
+        elif op == "mad.lo.s32":
+            r = _s32(v[0]) * _s32(v[1]) + _s32(v[2])
+        elif op == "add.s32":
+            r = _s32(v[0]) + _s32(v[1])
+        elif op == "sub.f32":
+            r = _f32_bits(np.float32(_f32(v[0]) - _f32(v[1])))
+        elif op == "fma.rn.f32":  # f64 holds the exact product of two f32: one rounding
+            r = _f32_bits(np.float32(np.float64(_f32(v[0])) * _f32(v[1]) + _f32(v[2])))
         else:
             raise AssertionError(f"unexpected PTX op {op}")
         regs[d] = r & m32
     return regs
+
+
+def _ptx_literal(a: str) -> int:
+    return int(a[2:], 16) if a.startswith("0f") else int(a, 0)  # 0fXXXXXXXX: f32 bits
+
+
+def _s32(w: int) -> int:
+    return w - (1 << 32) if w & 0x80000000 else w
+
+
+def _bytes(w: int, signed: bool) -> list[int]:
+    return [b - 256 if signed and b > 127 else b for b in w.to_bytes(4, "little")]
+
+
+def _f32(w: int) -> np.float32:
+    return np.array([w], np.uint32).view(np.float32)[0]
+
+
+def _f32_bits(f: np.float32) -> int:
+    return int(np.array([f], np.float32).view(np.uint32)[0])
+
+
+@pytest.mark.parametrize("nibble", [0, 1])
+def test_int_dot_ptx_matches_jnp(nibble):
+    """The integer-dot inline PTX (run by the PTX interpreter above) adds to each group's first
+    accumulator what the jnp path interpret mode uses adds, and passes the other three on."""
+    rng = np.random.default_rng(nibble)
+    n = 64
+    q = rng.integers(0, 256, (n, 4), dtype=np.uint8)
+    hi = rng.integers(-64, 65, (n, 4)).astype(np.int8)
+    lo = rng.integers(0, 256, (n, 4), dtype=np.uint8)
+    q[0], hi[0], lo[0] = 255, 64, 255  # the largest codes and planes
+    hi[1], lo[1] = -64, 0  # the most negative x
+    scale = (2.0 ** rng.uniform(-30, -10, (n, 1))).astype(np.float32) * np.ones((1, 4), np.float32)
+    acc = rng.normal(size=(n, 4)).astype(np.float32)
+    want = np.asarray(
+        qtiles.int_dot_fma(
+            *(jnp.asarray(a) for a in (q, hi, lo, scale, acc)), nibble=nibble, asm=False
+        )
+    )
+    text = qtiles.int_dot_ptx(nibble)
+    word = lambda a: int.from_bytes(a.tobytes(), "little")  # noqa: E731
+    for row in range(n):
+        regs = {"$4": word(q[row]), "$5": word(hi[row]), "$6": word(lo[row])}
+        regs |= {f"${7 + i}": _f32_bits(scale[row, i]) for i in range(4)}
+        regs |= {f"${11 + i}": _f32_bits(acc[row, i]) for i in range(4)}
+        out = _run_ptx(text, regs)
+        got = np.array([_f32(out[f"${i}"]) for i in range(4)], np.float32)
+        np.testing.assert_allclose(got, want[row], rtol=2e-7, err_msg=f"row {row}")
+        np.testing.assert_array_equal(got[1:], acc[row, 1:])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_quantize_x16(dtype):
+    """x = xs * (256 hi + lo) up to half a step, the step a power of two leaving every |code|
+    <= 2**14; for bf16 x every element within 2**6 of its run's largest is exact."""
+    fmt = "Q4_K"
+    i = jnp.arange(1024)
+    # Runs of different magnitudes, each spanning 2**10 (some elements below 2**-6 of its max).
+    x = random_x((2, 1024), jnp.float32, seed=3) * 2.0 ** (i // 64 - 8 - (i % 11))
+    # A run of zeros, and one so small the step stops at 2**-126 (f32's least normal number).
+    x = x.at[0, :32].set(0.0).at[1, 32:64].set(1e-36).astype(dtype)
+    hi, lo, xs, xsum = qtiles.quantize_x16(x, fmt)
+    assert hi.dtype == jnp.int8 and lo.dtype == jnp.uint8 and hi.shape == (2, 4, 8, 32)
+    assert int(jnp.abs(hi.astype(jnp.int32)).max()) <= 64
+    code = hi.astype(jnp.int32) * 256 + lo.astype(jnp.int32)
+    xf = np.asarray(x.astype(jnp.float32)).reshape(hi.shape)
+    back = np.asarray(code, np.float64) * np.asarray(xs, np.float64)[..., None]
+    step = np.asarray(xs)[..., None]
+    assert (np.abs(back - xf) <= step / 2).all()
+    log2 = np.log2(step)
+    assert (log2 == np.round(log2)).all()
+    amax = np.abs(xf).max(-1, keepdims=True)
+    assert (np.abs(xf) < 2.0**14 * step).all()
+    assert ((amax >= 2.0**13 * step) | (step == 2.0**-126)).all()
+    if dtype == jnp.bfloat16:
+        big = np.abs(xf) >= amax / 2.0**6
+        np.testing.assert_array_equal(back[big], xf[big])
+    err = np.abs(np.asarray(xsum, np.float64) - xf.astype(np.float64).sum(-1))
+    assert (err <= 1e-6 * np.abs(xf).sum(-1)).all()  # f32 summation order
 
 
 @pytest.mark.parametrize(
@@ -271,6 +363,21 @@ def test_stacked_many_lowers_for_cuda():
         _lower_for_cuda(
             lambda x, fs, i, fmt=fmt: qm.stacked_qmatmul_many(x, fmt, fs, i), x, fs, layer
         )
+
+
+def test_int_dot_lowers_for_cuda():
+    # Batch-1 Q4_K with integer dot products: the merged launch with parts, and a 2-D weight.
+    x = jax.ShapeDtypeStruct((1, 1, 2560), jnp.bfloat16)
+    layer = jax.ShapeDtypeStruct((), jnp.int32)
+    bs = qm.BlockSizes(int_dot=True)
+    fs = [_abstract_fields("Q4_K", (8,), n, 2560) for n in (10240, 10240)]
+    _lower_for_cuda(
+        lambda x, fs, i: qm.stacked_qmatmul_many(x, "Q4_K", fs, i, block_sizes=bs, parts=True),
+        x, fs, layer,
+    )  # fmt: skip
+    f = _abstract_fields("Q4_K", (), 2048, 2560)
+    x2 = jax.ShapeDtypeStruct((1, 2560), jnp.bfloat16)
+    _lower_for_cuda(lambda x, f: qm.qmatmul(x, "Q4_K", f, block_sizes=bs), x2, f)
 
 
 def test_eight_row_tiles_lower_for_cuda():
@@ -501,6 +608,38 @@ class TestQMatmul:
                 jnp.zeros((2, k)), fmt, fields, jnp.int32(0), interpret=True, parts=True
             )
 
+    @pytest.mark.parametrize("m, dtype", [(1, jnp.bfloat16), (1, jnp.float32), (3, jnp.bfloat16)])
+    def test_int_dot(self, m, dtype):
+        # Integer dot products (Q4_K, vector kernel): against the reference at the same
+        # tolerance as the float path; f32 x is rounded to 15-bit codes per run, so its bound
+        # is 2**-13 of the largest output rather than f32's.
+        fmt = "Q4_K"
+        n, nblocks = self.decode_shape
+        k = nblocks * 256
+        fields = random_fields(fmt, (), n, k, seed=40)
+        x = random_x((m, k), dtype, seed=41)
+        out = qm.qmatmul(
+            x, fmt, fields, interpret=self.interpret, block_sizes=qm.BlockSizes(int_dot=True)
+        )
+        ref = qm.qmatmul_reference(x, fmt, fields)
+        scale = float(jnp.abs(ref.astype(jnp.float32)).max())
+        err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max()) / scale
+        assert out.dtype == x.dtype and err <= (TOL[dtype] if dtype == jnp.bfloat16 else 2**-13)
+
+    def test_int_dot_stacked_parts(self):
+        # The model's call: merged stacks at one layer, split-K partials, bf16 x.
+        fmt, n_layers, layer, ns, k = "Q4_K", 3, 1, (40, 24), 1024
+        fields = [random_fields(fmt, (n_layers,), n, k, seed=50 + i) for i, n in enumerate(ns)]
+        x = random_x((1, 1, k), jnp.bfloat16, seed=8)
+        bs = qm.BlockSizes(split_k=2, int_dot=True)
+        outs = qm.stacked_qmatmul_many(
+            x, fmt, fields, jnp.int32(layer), interpret=self.interpret, block_sizes=bs, parts=True
+        )
+        for p, f in zip(outs, fields, strict=True):
+            one = {name: a[layer] for name, a in f.items()}
+            y = p.sum(0).astype(jnp.bfloat16)
+            _close(y, qm.qmatmul_reference(x, fmt, one), jnp.bfloat16, "int dot parts")
+
     def test_stacked_many_needs_one_k(self):
         a = random_fields("Q8_0", (2,), 16, 64)
         b = random_fields("Q8_0", (2,), 16, 32)
@@ -560,6 +699,17 @@ class TestQMatmulGpu(TestQMatmul):
         x = random_x((m, k), dtype)
         out = qm.qmatmul(x, fmt, fields, interpret=False)
         _close(out, qm.qmatmul_reference(x, fmt, fields), dtype, f"{fmt} {m}x{n}x{k}")
+
+    @pytest.mark.parametrize("n, k", E4B_SHAPES + [(262144, 2560)])
+    def test_int_dot_e4b_shapes(self, n, k):
+        # The compiled integer-dot path at the model's shapes (LM head included), against the
+        # reference and against the float path of the same kernel.
+        fields = random_fields("Q4_K", (), n, k, seed=n + k)
+        x = random_x((1, k), jnp.bfloat16)
+        ref = qm.qmatmul_reference(x, "Q4_K", fields)
+        for v in (True, False):
+            out = qm.qmatmul(x, "Q4_K", fields, block_sizes=qm.BlockSizes(int_dot=v))
+            _close(out, ref, jnp.bfloat16, f"Q4_K 1x{n}x{k} int_dot={v}")
 
     @pytest.mark.parametrize("t", [1, 4, 256])
     @pytest.mark.parametrize(
