@@ -23,6 +23,7 @@ take pieces away, so the difference says what a piece costs; they are not correc
   Q8_0 / Q4_K / Q6_K weight with each of
   `PALLAS_TILES` (`default`: the heuristic's tiles), and its split sum where it splits;
   `..._default_xf32`: the same row given as f32 (the kernel then converts nothing per step);
+  `..._default_int`: integer dot products (``BlockSizes.int_dot``, Q4_K);
 Without ncu it prints a wall time per variant (median of `--reps` synchronous calls, host
 overhead included: only for orientation).
 """
@@ -119,6 +120,13 @@ def _variants(N: int):
             tiles[f"pallas_{fmt.lower()}_{label}"] = (fn, (x, f))
             if bs[0] is None:  # the same values handed over in f32: no conversion in the loop
                 tiles[f"pallas_{fmt.lower()}_{label}_xf32"] = (fn, (x.astype(jnp.float32), f))
+        if fmt in qk.qtiles.INT_DOT_FORMATS:  # integer dot products (BlockSizes.int_dot)
+            fn = jax.jit(
+                lambda x, f, fmt=fmt: qk.qmatmul(
+                    x, fmt, f, interpret=interpret, block_sizes=qk.BlockSizes(int_dot=True)
+                )
+            )
+            tiles[f"pallas_{fmt.lower()}_default_int"] = (fn, (x, f))
     return tiles | {
         "q8_0": (mv, (x, w["Q8_0"])),
         "q4_k": (mv, (x, q4)),
