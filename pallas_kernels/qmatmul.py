@@ -391,58 +391,55 @@ def _vector_tile_int(
     fmt, bm, bn, nbk, n, steps, split, asm,
 ):  # fmt: skip
     """``_vector_tile`` with integer dot products (``qtiles.int_dot_fma``): x comes as the
-    planes of its 15-bit codes, each run's weights as 4-bit codes with a scale and a min, so
+    planes of its 15-bit codes, the weights as 4-bit codes with a scale and a min per run, so
     per four weights the loop spends two ``dp4a`` and a few integer ops where the float path
     dequantizes every weight and converts every element of x. A run's sum is
     ``(scale * xs) * sum(code * q) - min * sum(x)``: the first term per group of four
-    (``int_dot_fma``), the min term once per run and row."""
+    (``int_dot_fma``), the min term once per run and row. Each step handles the whole
+    ``[bn, nbk, S/2, R]`` byte tile in two calls (low, then high nibbles: even, odd runs); x's
+    refs are ``[Mp, K/B, S/2, 2, R]`` planes and ``[Mp, K/B, S/2, 2]`` steps and sums."""
     rows, lead, x_rows, out_rows = _tile_rows(pids, experts_ref, xrow_ref, bm=bm, bn=bn, n=n)
     pid_s = pids[2]
     spec = qtiles.get_format(fmt)
-    s_runs, r = spec.runs, spec.run
+    shape = (bn, nbk, spec.runs // 2, spec.run)
     blocks = functools.partial(_blocks, nbk=nbk)
+    per_row = 8  # hi, lo, xs, xsum of each nibble
 
-    def load_x(t):  # per row of x: hi, lo of each run [nbk, R], then xs, xsum of each [nbk]
-        b = blocks(t)
+    def load_x(t):  # per row of x and nibble s: hi, lo [nbk, S/2, R], xs, xsum [nbk, S/2]
+        b, a = blocks(t), slice(None)
         return tuple(
-            a
+            ref[(xr, b, a, s, a)[: ref.ndim]]
             for xr in x_rows
-            for a in (
-                *(ref[xr, b, j, :] for ref in (hi_ref, lo_ref) for j in range(s_runs)),
-                *(ref[xr, b, j] for ref in (xs_ref, xsum_ref) for j in range(s_runs)),
-            )
+            for s in (0, 1)
+            for ref in (hi_ref, lo_ref, xs_ref, xsum_ref)
         )
 
     lo_step, hi_step = _k_range(pid_s, steps=steps, split=split)
     first = _TileLoads(w_refs, len(lead), blocks(lo_step))
-    qtiles.int_runs(fmt, first, (*lead, blocks(lo_step)))
-    shape = (bn, nbk, r)
-    per_row = 4 * s_runs
+    qtiles.int_blocks(fmt, first, (*lead, blocks(lo_step)))
 
     def body(t, carry):
         accs, mins, tile, xs_all = carry
         ahead = jnp.minimum(t + 1, hi_step - 1)
         loads = _TileLoads(w_refs, len(lead), blocks(ahead), tile)
-        runs = qtiles.int_runs(fmt, loads, (*lead, blocks(t)))
+        q, halves = qtiles.int_blocks(fmt, loads, (*lead, blocks(t)))
         accs, mins = list(accs), list(mins)
         for i in range(len(x_rows)):
-            xa = xs_all[i * per_row : (i + 1) * per_row]
-            for j, (q, nibble, scale, mn) in enumerate(runs):
-                hi, lo = xa[j], xa[s_runs + j]
-                step, xsum = xa[2 * s_runs + j], xa[3 * s_runs + j]
-                sc = jnp.broadcast_to((scale * step[None, :])[..., None], shape)
+            for s, scale, mn in halves:  # scale, mn: [bn, nbk, S/2]
+                hi, lo, step, xsum = xs_all[i * per_row + 4 * s : i * per_row + 4 * s + 4]
+                sc = jnp.broadcast_to((scale * step[None])[..., None], shape)
                 accs[i] = qtiles.int_dot_fma(
                     q, jnp.broadcast_to(hi[None], shape), jnp.broadcast_to(lo[None], shape),
-                    sc, accs[i], nibble=nibble, asm=asm,
+                    sc, accs[i], nibble=s, asm=asm,
                 )  # fmt: skip
-                mins[i] = qtiles.fma(mn, xsum[None, :], mins[i], asm=asm)
+                mins[i] = qtiles.fma(mn, xsum[None], mins[i], asm=asm)
         return tuple(accs), tuple(mins), tuple(loads.loaded), load_x(ahead)
 
-    zeros, zmins = jnp.zeros(shape, jnp.float32), jnp.zeros((bn, nbk), jnp.float32)
+    zeros, zmins = jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:-1], jnp.float32)
     init = ((zeros,) * len(x_rows), (zmins,) * len(x_rows), tuple(first.loaded), load_x(lo_step))
     accs, mins, _, _ = lax.fori_loop(lo_step, hi_step, body, init)
     for acc, mn, orow in zip(accs, mins, out_rows, strict=True):
-        y = acc.sum(axis=2).sum(axis=1) - mn.sum(axis=1)
+        y = acc.sum(axis=3).sum(axis=2).sum(axis=1) - mn.sum(axis=2).sum(axis=1)
         _store_row(o_ref, y, orow, rows, pid_s, split)
 
 
@@ -584,7 +581,10 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
     asm = _use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps)
     int_dot = _int_dot(bs, fmt, x2.dtype) and (interpret or asm)
     if int_dot:
-        xv = qtiles.quantize_x16(_pad_axis(x2, 0, mp), fmt)
+        views = [qtiles.int_views(fmt, v) for v in views]
+        half = (spec.runs // 2, 2)
+        hi, lo, xs, xsum = qtiles.quantize_x16(_pad_axis(x2, 0, mp), fmt)
+        xv = [a.reshape(*a.shape[:2], *half, *a.shape[3:]) for a in (hi, lo, xs, xsum)]
     else:
         xv = (_x_view(x2, fmt, mp, x2.dtype),)
     out_dtype = jnp.float32 if split > 1 else x2.dtype

@@ -62,7 +62,8 @@ __all__ = [
     "get_format",
     "int_dot_fma",
     "int_dot_ptx",
-    "int_runs",
+    "int_blocks",
+    "int_views",
     "quantize_x16",
     "join_runs",
     "permute_for_join",
@@ -373,7 +374,7 @@ def tile_runs(
 # ---------------------------------------------------------------------------------------------
 # Integer dot products: x as two int8 planes of a 15-bit code per run (batch-1 vector kernel)
 # ---------------------------------------------------------------------------------------------
-# Formats whose runs ``int_runs`` gives as raw codes (one scale and one min per run).
+# Formats ``int_blocks`` gives as raw codes (one scale and one min per run).
 INT_DOT_FORMATS = ("Q4_K",)
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds |v| < 2**22 to an integer, in the bits
 _ROUND_BITS = 0x4B400000  # its bit pattern
@@ -406,20 +407,36 @@ def quantize_x16(x: jax.Array, fmt: str):
     return hi, lo, xs, xf.sum(axis=-1)
 
 
-def int_runs(fmt: str, refs: Mapping, index: tuple) -> list[tuple]:
-    """The ``S`` runs of the blocks at ``index`` (as ``tile_runs``) as raw codes, for
-    ``int_dot_fma``: ``(packed bytes [..., R], nibble, scale [...], min [...])`` per run, the
-    run's weights being ``scale * nibble(bytes) - min`` (f32, exact as in ``tile_runs``)."""
+def int_views(fmt: str, views: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """``field_views`` for ``int_blocks``: ``sc`` and ``m`` as ``[..., S/2, 2]`` (the scale
+    of run ``2c + s``, chunk ``c``'s nibble ``s``, at ``[c, s]``; a free reshape)."""
     if fmt not in INT_DOT_FORMATS:
         raise ValueError(f"integer dot products cover {INT_DOT_FORMATS}, not {fmt}")
+    half = get_format(fmt).runs // 2
+    pair = lambda v: v.reshape(*v.shape[:-1], half, 2)  # noqa: E731
+    return {k: pair(v) if k in ("sc", "m") else v for k, v in views.items()}
+
+
+def int_blocks(fmt: str, refs: Mapping, index: tuple) -> tuple[jax.Array, list[tuple]]:
+    """The blocks at ``index`` (as ``tile_runs``) as raw codes for ``int_dot_fma``: the packed
+    bytes ``[..., S/2, R]`` (chunk ``c`` holds runs ``2c`` and ``2c + 1`` in its low and high
+    nibbles) and, per nibble ``s``, ``(s, scale [..., S/2], min [..., S/2])``: the weights of
+    run ``2c + s`` are ``scale[c] * nibble_s(bytes[c]) - min[c]`` (f32, exact as in
+    ``tile_runs``). ``refs`` are ``int_views``. Whole blocks in a few wide loads: per-run
+    loads of the scales were each a scattered byte per row (Nsight Compute, RESULTS.md)."""
     ix = tuple(index)
-    d = _f32(refs["d"][ix])
-    dmin = _f32(refs["dmin"][ix])
-    chunks = [refs["qs"][(*ix, c, slice(None))] for c in range(4)]  # uint8 [..., 32] each
-    return [
-        (chunks[j // 2], j % 2, d * _f32(refs["sc"][(*ix, j)]), dmin * _f32(refs["m"][(*ix, j)]))
-        for j in range(get_format(fmt).runs)
+    d = _f32(refs["d"][ix])[..., None]
+    dmin = _f32(refs["dmin"][ix])[..., None]
+    q = refs["qs"][(*ix, slice(None), slice(None))]
+    halves = [
+        (
+            s,
+            d * _f32(refs["sc"][(*ix, slice(None), s)]),
+            dmin * _f32(refs["m"][(*ix, slice(None), s)]),
+        )
+        for s in (0, 1)
     ]
+    return q, halves
 
 
 def int_dot_ptx(nibble: int) -> str:
