@@ -283,8 +283,7 @@ def _vector_kernel(
       experts_ref: [P] int32 expert of each pair (grouped only)
       xrow_ref: [P] int32 row of x of each pair (grouped only)
       x_ref: [Mp, K/B, S, R] in x's dtype (converted here: no separate XLA convert launch);
-        with ``int_dot`` four refs instead: x's planes hi, lo ``[Mp, K/B, S, R]`` and its
-        steps and sums ``[Mp, K/B, S]`` (``qtiles.quantize_x16``)
+        ``[Mp, K/B, S/2, 2, R]`` with ``int_dot``
       *field refs: ``qtiles.field_views`` of each weight in turn, ``[(E,) N_g, K/B, ...]``
       *o_refs, one per weight: [split, Mp, N_g] f32 if split > 1 else [Mp, N_g] x.dtype
     grid: (row tiles of all weights, Mp / bm (pairs if grouped), split)
@@ -299,19 +298,17 @@ def _vector_kernel(
     (Nsight Compute, 20480 x 2560 Q4_K: 30% of DRAM bandwidth at 46% issue utilisation; with
     the weights ahead but x loaded in its own step, x's loads were the top stall site).
     """
-    nx = 4 if int_dot else 1
     if grouped:
-        experts_ref, xrow_ref, *refs = refs
+        experts_ref, xrow_ref, x_ref, *refs = refs
     else:
-        experts_ref = xrow_ref = None
-    x_refs, refs = refs[:nx], refs[nx:]
+        (x_ref, *refs), experts_ref, xrow_ref = refs, None, None
     # Program ids read here, outside any branch (interpret mode lowers them only at top level).
     pid_n, pid_m, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nf = len(names)
     o_refs = refs[len(weights) * nf :]
     for g, (first, n_g) in enumerate(weights):
         tile = functools.partial(
-            _vector_tile_int if int_dot else _vector_tile, *x_refs,
+            _vector_tile_int if int_dot else _vector_tile, x_ref,
             dict(zip(names, refs[g * nf : (g + 1) * nf], strict=True)),
             o_refs[g], (pid_n - first if first else pid_n, pid_m, pid_s), experts_ref, xrow_ref,
             fmt=fmt, bm=bm,
@@ -387,32 +384,26 @@ def _store_row(o_ref, y, orow, rows, pid_s, split):
 
 
 def _vector_tile_int(
-    hi_ref, lo_ref, xs_ref, xsum_ref, w_refs, o_ref, pids, experts_ref, xrow_ref, *,
-    fmt, bm, bn, nbk, n, steps, split, asm,
-):  # fmt: skip
+    x_ref, w_refs, o_ref, pids, experts_ref, xrow_ref, *, fmt, bm, bn, nbk, n, steps, split, asm
+):
     """``_vector_tile`` with integer dot products (``qtiles.int_dot_fma``): x comes as the
     planes of its 15-bit codes, the weights as 4-bit codes with a scale and a min per run, so
     per four weights the loop spends two ``dp4a`` and a few integer ops where the float path
     dequantizes every weight and converts every element of x. A run's sum is
     ``(scale * xs) * sum(code * q) - min * sum(x)``: the first term per group of four
     (``int_dot_fma``), the min term once per run and row. Each step handles the whole
-    ``[bn, nbk, S/2, R]`` byte tile in two calls (low, then high nibbles: even, odd runs); x's
-    refs are ``[Mp, K/B, S/2, 2, R]`` planes and ``[Mp, K/B, S/2, 2]`` steps and sums."""
+    ``[bn, nbk, S/2, R]`` byte tile in two calls (low, then high nibbles: even, odd runs).
+    x (``[Mp, K/B, S/2, 2, R]``, its dtype) is rounded to codes here, step by step
+    (``qtiles.quantize_runs``): a separate launch for it cost ~2 us a call (RESULTS.md)."""
     rows, lead, x_rows, out_rows = _tile_rows(pids, experts_ref, xrow_ref, bm=bm, bn=bn, n=n)
     pid_s = pids[2]
     spec = qtiles.get_format(fmt)
     shape = (bn, nbk, spec.runs // 2, spec.run)
     blocks = functools.partial(_blocks, nbk=nbk)
-    per_row = 8  # hi, lo, xs, xsum of each nibble
 
-    def load_x(t):  # per row of x and nibble s: hi, lo [nbk, S/2, R], xs, xsum [nbk, S/2]
+    def load_x(t):  # per row of x, x's runs of nibble s = 0, 1: [nbk, S/2, R]
         b, a = blocks(t), slice(None)
-        return tuple(
-            ref[(xr, b, a, s, a)[: ref.ndim]]
-            for xr in x_rows
-            for s in (0, 1)
-            for ref in (hi_ref, lo_ref, xs_ref, xsum_ref)
-        )
+        return tuple(x_ref[xr, b, a, s, a] for xr in x_rows for s in (0, 1))
 
     lo_step, hi_step = _k_range(pid_s, steps=steps, split=split)
     first = _TileLoads(w_refs, len(lead), blocks(lo_step))
@@ -426,7 +417,7 @@ def _vector_tile_int(
         accs, mins = list(accs), list(mins)
         for i in range(len(x_rows)):
             for s, scale, mn in halves:  # scale, mn: [bn, nbk, S/2]
-                hi, lo, step, xsum = xs_all[i * per_row + 4 * s : i * per_row + 4 * s + 4]
+                hi, lo, step, xsum = qtiles.quantize_runs(xs_all[2 * i + s])
                 sc = jnp.broadcast_to((scale * step[None])[..., None], shape)
                 accs[i] = qtiles.int_dot_fma(
                     q, jnp.broadcast_to(hi[None], shape), jnp.broadcast_to(lo[None], shape),
@@ -580,13 +571,10 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
     split, nbk = bs.split_k, bs.block_k // spec.block
     asm = _use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps)
     int_dot = _int_dot(bs, fmt, x2.dtype) and (interpret or asm)
+    xv = _x_view(x2, fmt, mp, x2.dtype)
     if int_dot:
         views = [qtiles.int_views(fmt, v) for v in views]
-        half = (spec.runs // 2, 2)
-        hi, lo, xs, xsum = qtiles.quantize_x16(_pad_axis(x2, 0, mp), fmt)
-        xv = [a.reshape(*a.shape[:2], *half, *a.shape[3:]) for a in (hi, lo, xs, xsum)]
-    else:
-        xv = (_x_view(x2, fmt, mp, x2.dtype),)
+        xv = xv.reshape(*xv.shape[:2], spec.runs // 2, 2, spec.run)
     out_dtype = jnp.float32 if split > 1 else x2.dtype
     out_shapes = [
         jax.ShapeDtypeStruct((split, rows_out, n_g) if split > 1 else (rows_out, n_g), out_dtype)
@@ -614,7 +602,7 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
         compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name=f"qmatmul_vector_{fmt.lower()}",
-    )(*pre, *xv, *(a for v in views for a in v.values()))
+    )(*pre, xv, *(a for v in views for a in v.values()))
     return [_finish(y, split, x2.dtype, parts) for y in ys]
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "int_dot_ptx",
     "int_blocks",
     "int_views",
+    "quantize_runs",
     "quantize_x16",
     "join_runs",
     "permute_for_join",
@@ -380,31 +381,38 @@ _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds |v| < 2**22 to an int
 _ROUND_BITS = 0x4B400000  # its bit pattern
 
 
-def quantize_x16(x: jax.Array, fmt: str):
-    """``x[M, K]`` as per-run integer codes for ``int_dot_fma``: ``(hi, lo, xs, xsum)``.
+def quantize_runs(x: jax.Array):
+    """Runs ``x[..., R]`` (any float dtype) as integer codes for ``int_dot_fma``:
+    ``(hi, lo, xs, xsum)``, the planes ``[..., R]`` and the steps and sums ``[...]``.
 
-    Each run of R elements gets a power-of-two step ``xs`` with every ``|x / xs| < 2**14``;
+    Each run gets a power-of-two step ``xs`` with every ``|x / xs| < 2**14``;
     ``q = round(x / xs) = 256 * hi + lo`` with ``hi`` int8 in [-64, 64] and ``lo`` uint8, so a
     run's dot with 4-bit codes is two ``dp4a`` per four weights, exact in int32. The step is a
     power of two, so ``x / xs`` is exact and only the rounding to an integer loses anything:
     for a bf16 x (8 significant bits) every element within 2**6 of the run's largest is exact,
-    smaller ones are off by at most ``2**-15`` of the largest. ``xsum`` (the runs' sums of x
-    itself, f32) carries the formats' min term. Shapes: hi/lo ``[M, K/B, S, R]``, xs/xsum
-    ``[M, K/B, S]``.
+    smaller ones are off by at most ``2**-15`` of the largest. ``xsum`` (the sums of x itself,
+    f32) carries the formats' min term. Plain jnp: the vector kernel runs it on its x tiles.
     """
-    spec = get_format(fmt)
-    m, k = x.shape
-    xf = x.astype(jnp.float32).reshape(m, k // spec.block, spec.runs, spec.run)
+    xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=-1)
     # amax < 2**(e - 126) for its biased exponent e; the step 2**(e - 140) leaves 14 bits.
     # e >= 14 keeps both powers normal (a run of zeros, or of values below 2**-113).
     e = jnp.maximum((lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF, 14)
     xs = lax.bitcast_convert_type((e - 13) << 23, jnp.float32)
     inv = lax.bitcast_convert_type((267 - e) << 23, jnp.float32)
-    q = jnp.round(xf * inv[..., None]).astype(jnp.int32)  # the product is exact
-    hi = (q >> 8).astype(jnp.int8)
-    lo = (q & 0xFF).astype(jnp.uint8)
-    return hi, lo, xs, xf.sum(axis=-1)
+    # x * inv is exact; adding 1.5 * 2**23 rounds it to the nearest integer (ties to even),
+    # which the low mantissa bits then hold.
+    t = xf * inv[..., None] + jnp.float32(_ROUND_MAGIC)
+    q = lax.bitcast_convert_type(t, jnp.int32) - _ROUND_BITS
+    return (q >> 8).astype(jnp.int8), (q & 0xFF).astype(jnp.uint8), xs, xf.sum(axis=-1)
+
+
+def quantize_x16(x: jax.Array, fmt: str):
+    """``quantize_runs`` over the runs of ``fmt`` of ``x[M, K]``: hi/lo ``[M, K/B, S, R]``,
+    xs/xsum ``[M, K/B, S]``."""
+    spec = get_format(fmt)
+    m, k = x.shape
+    return quantize_runs(x.reshape(m, k // spec.block, spec.runs, spec.run))
 
 
 def int_views(fmt: str, views: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
