@@ -347,9 +347,17 @@ def markdown(results, copy_gbps: float | None, copy_busy_gbps: float | None = No
     return "\n".join(lines)
 
 
-def sweep_candidates(fmt: str, m: int) -> list[qm.BlockSizes]:
-    """Tile variants around the heuristic for the decode kernels."""
+def sweep_candidates(fmt: str, m: int, int_dot: bool = False) -> list[qm.BlockSizes]:
+    """Tile variants around the heuristic for the decode kernels (``int_dot``: the integer-dot
+    vector kernel's one-row tiles)."""
     kernel = "vector" if m <= qm.VECTOR_MAX_M else "mma"
+    if int_dot and kernel == "vector" and fmt in qtiles.INT_DOT_FORMATS:
+        out = [qm.BlockSizes(int_dot=True)]
+        for bn, bk, warps in itertools.product((8, 16, 32), (256, 512, 1024), (2, 4, 8)):
+            out.append(
+                qm.BlockSizes(block_n=bn, block_k=bk, num_warps=warps, num_stages=1, int_dot=True)
+            )
+        return out
     big = qtiles.get_format(fmt).block == 256
     bks = (256, 512) if big else (128, 256, 512)
     out = [qm.BlockSizes()]
@@ -405,7 +413,8 @@ def main(argv=None) -> int:
     if a.sweep:
         for fmt, (n, k), m in itertools.product(formats, shapes, ms):
             if m <= DECODE_MAX_M:
-                jobs += [Job("kernel", fmt, n, k, m, bs) for bs in sweep_candidates(fmt, m)]
+                cands = sweep_candidates(fmt, m, a.int_dot)
+                jobs += [Job("kernel", fmt, n, k, m, bs) for bs in cands]
     else:
         for (n, k), m in itertools.product(shapes, ms):
             for fmt in formats:
@@ -432,12 +441,14 @@ def main(argv=None) -> int:
         for r in results:
             if "us" in r:
                 key = (r["fmt"], r["n"], r["k"], r["m"])
-                if key not in best or r["us"] < best[key]["us"]:
+                t = r.get("kernel_us", r["us"])  # GPU-busy time when traced
+                if key not in best or t < best[key].get("kernel_us", best[key]["us"]):
                     best[key] = r
-        print("| fmt | N x K | M | best us | GB/s | block sizes |\n|---|---|---|---|---|---|")
+        print("| fmt | N x K | M | best us | GB/s | busy us | block sizes |\n" + "|---" * 7 + "|")
         for (fmt, n, k, m), r in sorted(best.items()):
             bs = {kk: v for kk, v in r.get("block_sizes", {}).items() if v is not None}
-            print(f"| {fmt} | {n} x {k} | {m} | {r['us']:.1f} | {r['gbps']:.0f} | {bs} |")
+            busy = f"{r['kernel_us']:.1f}" if "kernel_us" in r else ""
+            print(f"| {fmt} | {n} x {k} | {m} | {r['us']:.1f} | {r['gbps']:.0f} | {busy} | {bs} |")
     else:
         print(markdown(results, copy_gbps, copy_busy_gbps))
 
