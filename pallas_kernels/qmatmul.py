@@ -104,8 +104,9 @@ _TARGET_PROGRAMS = 512
 _SMS = 132  # H100 SXM
 _MIN_DOT = 16  # Triton dots need every dimension >= 16
 _MIN_VECTOR_N = 8  # the vector kernel has no dot: 8-row tiles are allowed
-# ``BlockSizes.int_dot=None`` with bf16 x: integer dot products on the formats that have them.
-INT_DOT_DEFAULT = False
+# ``BlockSizes.int_dot=None`` with one bf16 row: integer dot products on the formats that have
+# them (E4B Q4_K_M batch-1 decode 279 -> 293-299 tok/s before the tile sweep, RESULTS.md run u).
+INT_DOT_DEFAULT = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -124,9 +125,9 @@ class BlockSizes:
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth of the K loop.
       int_dot: vector kernel on ``qtiles.INT_DOT_FORMATS``: integer dot products on x
-        rounded to 15-bit codes per run (``qtiles.quantize_x16``) instead of f32 weights.
-        ``None`` is ``INT_DOT_DEFAULT`` for bf16 x and off otherwise (f32 x keeps the exact
-        float path); True asks for it with any x.
+        rounded to 15-bit codes per run (``qtiles.quantize_runs``) instead of f32 weights.
+        ``None`` is ``INT_DOT_DEFAULT`` for one bf16 row and off otherwise (f32 x keeps the
+        exact float path); True asks for it with any x and rows.
     """
 
     kernel: str | None = None
@@ -138,15 +139,28 @@ class BlockSizes:
     num_stages: int | None = None
     int_dot: bool | None = None
 
-    def resolve(self, fmt: str, *, m: int, n: int, k: int, split: bool = True) -> BlockSizes:
-        """Fills every ``None`` for an ``[m, k] x [n, k]^T`` call (untuned H100 guesses, to be
-        swept by benchmarks/bench_qmatmul.py) and fits the given sizes to the shapes."""
+    def resolve(
+        self, fmt: str, *, m: int, n: int, k: int, split: bool = True, dtype=None
+    ) -> BlockSizes:
+        """Fills every ``None`` for an ``[m, k] x [n, k]^T`` call with x of ``dtype`` (untuned
+        H100 guesses, to be swept by benchmarks/bench_qmatmul.py) and fits the given sizes to
+        the shapes; ``int_dot`` comes back a bool."""
         spec = qtiles.get_format(fmt)
         nb = k // spec.block
         kernel = self.kernel or ("vector" if m <= VECTOR_MAX_M else "mma")
         if kernel not in ("vector", "mma"):
             raise ValueError(f"{kernel=} must be 'vector' or 'mma'")
-        if kernel == "vector" and m == 1:
+        int_dot = kernel == "vector" and fmt in qtiles.INT_DOT_FORMATS
+        if self.int_dot is None:
+            int_dot &= INT_DOT_DEFAULT and m == 1 and _is_bf16(dtype)
+        else:
+            int_dot &= self.int_dot
+        if int_dot and m == 1:
+            # Swept on the H100 (bench_qmatmul --sweep --int-dot, RESULTS.md run u): 16 rows,
+            # 4 blocks per step; 2 warps (more programs per SM) unless K is long (FFN down).
+            bm, bn, bk, stages = 1, 16, 1024, 1
+            warps = 4 if k >= 8192 else 2
+        elif kernel == "vector" and m == 1:
             # One row (batch-1 decode): 16 rows of W per program, split over K only up to two
             # programs per SM (below); 4 KiB of Q8_0 / Q4_K bytes per loop step, prefetched a
             # step ahead (see the kernel).
@@ -211,8 +225,12 @@ class BlockSizes:
             split_k=sk,
             num_warps=self.num_warps or warps,
             num_stages=self.num_stages or stages,
-            int_dot=self.int_dot,
+            int_dot=int_dot,
         )
+
+
+def _is_bf16(dtype) -> bool:
+    return dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
 
 
 def _floor_pow2(n: int) -> int:
@@ -570,7 +588,7 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
         pre = []
     split, nbk = bs.split_k, bs.block_k // spec.block
     asm = _use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps)
-    int_dot = _int_dot(bs, fmt, x2.dtype) and (interpret or asm)
+    int_dot = bool(bs.int_dot) and (interpret or asm)
     xv = _x_view(x2, fmt, mp, x2.dtype)
     if int_dot:
         views = [qtiles.int_views(fmt, v) for v in views]
@@ -604,15 +622,6 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
         name=f"qmatmul_vector_{fmt.lower()}",
     )(*pre, xv, *(a for v in views for a in v.values()))
     return [_finish(y, split, x2.dtype, parts) for y in ys]
-
-
-def _int_dot(bs: BlockSizes, fmt: str, dtype) -> bool:
-    """Whether a vector call takes integer dot products (``BlockSizes.int_dot``)."""
-    if fmt not in qtiles.INT_DOT_FORMATS:
-        return False
-    if bs.int_dot is None:
-        return INT_DOT_DEFAULT and jnp.dtype(dtype) == jnp.bfloat16
-    return bs.int_dot
 
 
 def _mma_call(x2, fmt, views, n, bs, interpret, *, ragged=None):
@@ -694,7 +703,7 @@ def qmatmul(
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     views, n_pad = _prepare_w(fmt, fields, 0)
-    bs = (block_sizes or BlockSizes()).resolve(fmt, m=m, n=n_pad, k=k)
+    bs = (block_sizes or BlockSizes()).resolve(fmt, m=m, n=n_pad, k=k, dtype=x.dtype)
     with jax.named_scope(f"qmatmul_{fmt}"):
         if bs.kernel == "vector":
             [y] = _vector_call(x2, fmt, [views], [n_pad], bs, interpret)
@@ -821,7 +830,8 @@ def _stacked_vector(x, fmt, fields_list, layer, base, interpret, *, parts=False)
     prepared = [_prepare_w(fmt, f, 1) for f in fields_list]
     ns = [n_pad for _, n_pad in prepared]
     # Tiles and split for the whole grid; the row tile must fit the smallest weight.
-    bs = dataclasses.replace(base, kernel="vector", block_m=1).resolve(fmt, m=m, n=sum(ns), k=k)
+    bs = dataclasses.replace(base, kernel="vector", block_m=1)
+    bs = bs.resolve(fmt, m=m, n=sum(ns), k=k, dtype=x.dtype)
     bs = dataclasses.replace(bs, block_n=max(_MIN_VECTOR_N, min(bs.block_n, _floor_pow2(min(ns)))))
     layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(()), 0, lead[0] - 1)
     ys = _vector_call(
@@ -912,7 +922,7 @@ def grouped_qmatmul(
     if use_vector:
         views, n_pad = _prepare_w(fmt, fields, 1)
         bs = dataclasses.replace(bs, kernel="vector", block_m=1)  # one program row per pair
-        bs = bs.resolve(fmt, m=pairs, n=n_pad, k=k)
+        bs = bs.resolve(fmt, m=pairs, n=n_pad, k=k, dtype=x.dtype)
         with jax.named_scope(f"grouped_qmatmul_{fmt}"):
             [y] = _vector_call(
                 x2, fmt, [views], [n_pad], bs, interpret, experts=experts, x_rows=x_rows

@@ -401,6 +401,18 @@ def test_one_row_tiles():
     assert qm.BlockSizes().resolve("Q8_0", m=1, n=2048, k=2560).split_k == 3
     assert qm.BlockSizes().resolve("Q4_K", m=1, n=20480, k=2560).block_k == 512
     assert qm.BlockSizes().resolve("Q8_0", m=1, n=256, k=2560).split_k == 10
+    # Q4_K with one bf16 row: integer dot products (INT_DOT_DEFAULT) on their own tiles.
+    bs = qm.BlockSizes().resolve("Q4_K", m=1, n=20480, k=2560, dtype=jnp.bfloat16)
+    assert bs.int_dot is qm.INT_DOT_DEFAULT
+    if qm.INT_DOT_DEFAULT:  # 4 blocks per step where they divide K's 10 / 40 blocks
+        assert (bs.block_n, bs.block_k, bs.num_warps) == (16, 512, 2)
+        down = qm.BlockSizes().resolve("Q4_K", m=1, n=2560, k=10240, dtype=jnp.bfloat16)
+        assert (down.block_k, down.num_warps) == (1024, 4)
+    for dtype, m in ((jnp.float32, 1), (jnp.bfloat16, 2), (None, 1)):  # exact f32; more rows
+        assert qm.BlockSizes().resolve("Q4_K", m=m, n=2048, k=2560, dtype=dtype).int_dot is False
+    assert qm.BlockSizes().resolve("Q8_0", m=1, n=2048, k=2560, dtype=jnp.bfloat16).int_dot is False
+    forced = qm.BlockSizes(int_dot=True).resolve("Q4_K", m=3, n=2048, k=2560, dtype=jnp.float32)
+    assert forced.int_dot is True
 
 
 def test_field_validation():
@@ -589,7 +601,7 @@ class TestQMatmul:
         # parts=True: the split-K partials [S, 1, 1, N_g] (a single weight too); their f32 sum
         # rounded to x's dtype is exactly the summed call's result.
         n_layers, layer, ns = 2, 1, (40, 24)
-        k = 1024 if fmt == "Q4_K" else 512  # two vector-kernel steps: split_k=2 applies
+        k = 2048 if fmt == "Q4_K" else 512  # two or more vector-kernel steps: split_k=2 applies
         fields = [random_fields(fmt, (n_layers,), n, k, seed=30 + i) for i, n in enumerate(ns)]
         x = random_x((1, 1, k), jnp.bfloat16, seed=7)
         bs = qm.BlockSizes(split_k=2)
