@@ -62,6 +62,17 @@ def check(fx: Path, name: str, file: str, mode: str, dtype: str) -> dict:
         )
         row["generate_s"] = time.perf_counter() - t0
         row["greedy_equal"] = all(np.array_equal(out.tokens[k], ref[f"greedy_{k}"]) for k in (0, 1))
+        # Each prompt alone: batch-1 decode, the path chat and most research runs take (its
+        # one-row kernels differ from the batched ones: e.g. Q4_K's integer dot products).
+        b1 = [
+            g4.generate(model.params, [ref[f"prompt_{k}"]], max_new_tokens=24, stop_tokens=())
+            for k in (0, 1)
+        ]
+        row["greedy_b1_equal"] = all(
+            np.array_equal(o.tokens[0], ref[f"greedy_{k}"]) for k, o in enumerate(b1)
+        )
+        row["b1_tokens"] = [np.asarray(o.tokens[0]).tolist() for o in b1]
+        row["b1_logprobs"] = [np.asarray(o.logprobs[0], np.float64).tolist() for o in b1]
     return row
 
 
@@ -112,16 +123,19 @@ def main():
             except Exception as e:  # report and go on: one failure must not hide the rest
                 rows.append({"fixture": f"{name}/{file}", "mode": mode, "error": repr(e)[:300]})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| fixture | mode | logits max err | TF argmax | greedy | forward s | generate s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| fixture | mode | logits max err | TF argmax | greedy | greedy batch 1 | forward s | "
+        "generate s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['fixture']} | {r['mode']} | ERROR {r['error'][:80]} | | | | |")
+            print(f"| {r['fixture']} | {r['mode']} | ERROR {r['error'][:80]} | | | | | |")
             continue
         print(
             f"| {r['fixture']} | {r['mode']} | {r['logits_max_err']:.2e} | "
             f"{r['teacher_forced_argmax_equal']} | {r['greedy_equal']} | "
-            f"{r['forward_s']:.1f} | {r['generate_s']:.1f} |"
+            f"{r.get('greedy_b1_equal', '')} | {r['forward_s']:.1f} | {r['generate_s']:.1f} |"
         )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

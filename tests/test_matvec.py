@@ -182,18 +182,18 @@ def test_matmuls_parts_reach_the_norm_kernels(monkeypatch):
     # residual_norm given SplitSums return what they return on those values.
     # GEMMA4_JAX_SPLIT_PARTS=0 gives plain arrays again.
     stack = lambda fmt, n, seed: jax.tree.map(
-        lambda *a: jnp.stack(a), *(_weight(fmt, n, 1024, seed=seed + i) for i in range(2))
+        lambda *a: jnp.stack(a), *(_weight(fmt, n, 2048, seed=seed + i) for i in range(2))
     )
     d = 32
     ws = [stack("Q4_K", 4 * d, 0), stack("Q4_K", 2 * d, 10), stack("Q6_K", 2 * d, 20)]
     layer = jnp.int32(1)
-    x = random_x((1, 1, 1024), jnp.bfloat16, seed=4)  # 2 K steps: split 2
+    x = random_x((1, 1, 2048), jnp.bfloat16, seed=4)  # 2+ K steps: split
     with ops.use_kernels("pallas"):
         parts = ops.matmuls(x, [ops.LayerSlice(w, layer) for w in ws], parts=True)
         monkeypatch.setenv("GEMMA4_JAX_SPLIT_PARTS", "0")
         plain = ops.matmuls(x, [ops.LayerSlice(w, layer) for w in ws], parts=True)
         monkeypatch.delenv("GEMMA4_JAX_SPLIT_PARTS")
-        assert all(isinstance(p, ops.SplitSum) and p.parts.shape[0] == 2 for p in parts)
+        assert all(isinstance(p, ops.SplitSum) and p.parts.shape[0] > 1 for p in parts)
         assert not any(isinstance(p, ops.SplitSum) for p in plain)
         for p, y in zip(parts, plain, strict=True):
             np.testing.assert_array_equal(np.asarray(p.value()), np.asarray(y))
