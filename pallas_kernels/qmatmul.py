@@ -104,9 +104,9 @@ _TARGET_PROGRAMS = 512
 _SMS = 132  # H100 SXM
 _MIN_DOT = 16  # Triton dots need every dimension >= 16
 _MIN_VECTOR_N = 8  # the vector kernel has no dot: 8-row tiles are allowed
-# ``BlockSizes.int_dot=None`` with one bf16 row: integer dot products on the formats that have
-# them (E4B Q4_K_M batch-1 decode 279 -> 293-299 tok/s before the tile sweep, RESULTS.md run u).
-INT_DOT_DEFAULT = True
+# ``BlockSizes.int_dot=None`` with one bf16 row: integer dot products for these formats (E4B
+# Q4_K_M batch-1 decode 279-282 -> 325-329 tok/s with Q4_K's, RESULTS.md run u).
+INT_DOT_DEFAULT = ("Q4_K",)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,8 +126,8 @@ class BlockSizes:
       num_stages: Triton software-pipelining depth of the K loop.
       int_dot: vector kernel on ``qtiles.INT_DOT_FORMATS``: integer dot products on x
         rounded to 15-bit codes per run (``qtiles.quantize_runs``) instead of f32 weights.
-        ``None`` is ``INT_DOT_DEFAULT`` for one bf16 row and off otherwise (f32 x keeps the
-        exact float path); True asks for it with any x and rows.
+        ``None``: on for one bf16 row of the ``INT_DOT_DEFAULT`` formats, else off (f32 x
+        keeps the exact float path); True asks for it with any x and rows.
     """
 
     kernel: str | None = None
@@ -152,7 +152,7 @@ class BlockSizes:
             raise ValueError(f"{kernel=} must be 'vector' or 'mma'")
         int_dot = kernel == "vector" and fmt in qtiles.INT_DOT_FORMATS
         if self.int_dot is None:
-            int_dot &= INT_DOT_DEFAULT and m == 1 and _is_bf16(dtype)
+            int_dot &= fmt in INT_DOT_DEFAULT and m == 1 and _is_bf16(dtype)
         else:
             int_dot &= self.int_dot
         if int_dot and m == 1:
@@ -404,52 +404,66 @@ def _store_row(o_ref, y, orow, rows, pid_s, split):
 def _vector_tile_int(
     x_ref, w_refs, o_ref, pids, experts_ref, xrow_ref, *, fmt, bm, bn, nbk, n, steps, split, asm
 ):
-    """``_vector_tile`` with integer dot products (``qtiles.int_dot_fma``): x comes as the
-    planes of its 15-bit codes, the weights as 4-bit codes with a scale and a min per run, so
-    per four weights the loop spends two ``dp4a`` and a few integer ops where the float path
-    dequantizes every weight and converts every element of x. A run's sum is
+    """``_vector_tile`` with integer dot products (``qtiles.int_dot_fma``): x is rounded to
+    15-bit codes step by step (``qtiles.quantize_runs``; a separate launch for it cost ~2 us
+    a call, RESULTS.md run u), the weights stay 4/6-bit codes with a scale and a min per run
+    piece, so per four weights the loop spends two ``dp4a`` and a few integer ops where the
+    float path dequantizes every weight and converts every element of x. A piece's sum is
     ``(scale * xs) * sum(code * q) - min * sum(x)``: the first term per group of four
-    (``int_dot_fma``), the min term once per run and row. Each step handles the whole
-    ``[bn, nbk, S/2, R]`` byte tile in two calls (low, then high nibbles: even, odd runs).
-    x (``[Mp, K/B, S/2, 2, R]``, its dtype) is rounded to codes here, step by step
-    (``qtiles.quantize_runs``): a separate launch for it cost ~2 us a call (RESULTS.md)."""
+    (``int_dot_fma``), the min term once per piece and row. Each step covers its blocks in a
+    few calls (``qtiles.int_calls``: Q4_K 2, Q6_K 4); x is ``qtiles.int_x_view``."""
     rows, lead, x_rows, out_rows = _tile_rows(pids, experts_ref, xrow_ref, bm=bm, bn=bn, n=n)
     pid_s = pids[2]
-    spec = qtiles.get_format(fmt)
-    shape = (bn, nbk, spec.runs // 2, spec.run)
+    layout = qtiles.INT_LAYOUT[fmt]
+    shape = (bn, nbk, *_call_shape(layout))
     blocks = functools.partial(_blocks, nbk=nbk)
+    per_row = len(layout.x_index)
 
-    def load_x(t):  # per row of x, x's runs of nibble s = 0, 1: [nbk, S/2, R]
-        b, a = blocks(t), slice(None)
-        return tuple(x_ref[xr, b, a, s, a] for xr in x_rows for s in (0, 1))
+    def load_x(t):  # per row of x, the x tile of each call: [nbk, *call shape]
+        b = blocks(t)
+        return tuple(x_ref[(xr, b, *ix)] for xr in x_rows for ix in layout.x_index)
 
     lo_step, hi_step = _k_range(pid_s, steps=steps, split=split)
     first = _TileLoads(w_refs, len(lead), blocks(lo_step))
-    qtiles.int_blocks(fmt, first, (*lead, blocks(lo_step)))
+    qtiles.int_calls(fmt, first, (*lead, blocks(lo_step)))
 
     def body(t, carry):
         accs, mins, tile, xs_all = carry
         ahead = jnp.minimum(t + 1, hi_step - 1)
         loads = _TileLoads(w_refs, len(lead), blocks(ahead), tile)
-        q, halves = qtiles.int_blocks(fmt, loads, (*lead, blocks(t)))
+        calls = qtiles.int_calls(fmt, loads, (*lead, blocks(t)))
         accs, mins = list(accs), list(mins)
         for i in range(len(x_rows)):
-            for s, scale, mn in halves:  # scale, mn: [bn, nbk, S/2]
-                hi, lo, step, xsum = qtiles.quantize_runs(xs_all[2 * i + s])
-                sc = jnp.broadcast_to((scale * step[None])[..., None], shape)
+            for c, call in enumerate(calls):
+                hi, lo, step, xsum = qtiles.quantize_runs(xs_all[i * per_row + c], layout.run_axes)
+                sc = jnp.broadcast_to((call.scale * step[None])[..., None], shape)
                 accs[i] = qtiles.int_dot_fma(
-                    q, jnp.broadcast_to(hi[None], shape), jnp.broadcast_to(lo[None], shape),
-                    sc, accs[i], nibble=s, asm=asm,
+                    call.q, jnp.broadcast_to(hi[None], shape), jnp.broadcast_to(lo[None], shape),
+                    sc, accs[i], nibble=call.nibble, high=call.high, asm=asm,
                 )  # fmt: skip
-                mins[i] = qtiles.fma(mn, xsum[None], mins[i], asm=asm)
+                mins[i] = qtiles.fma(call.min, xsum[None], mins[i], asm=asm)
         return tuple(accs), tuple(mins), tuple(loads.loaded), load_x(ahead)
 
     zeros, zmins = jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:-1], jnp.float32)
     init = ((zeros,) * len(x_rows), (zmins,) * len(x_rows), tuple(first.loaded), load_x(lo_step))
     accs, mins, _, _ = lax.fori_loop(lo_step, hi_step, body, init)
     for acc, mn, orow in zip(accs, mins, out_rows, strict=True):
-        y = acc.sum(axis=3).sum(axis=2).sum(axis=1) - mn.sum(axis=2).sum(axis=1)
-        _store_row(o_ref, y, orow, rows, pid_s, split)
+        _store_row(o_ref, _row_sum(acc) - _row_sum(mn), orow, rows, pid_s, split)
+
+
+def _call_shape(layout) -> tuple[int, ...]:
+    """The per-block shape of one ``int_calls`` tile (x_block with the call's index applied)."""
+    return tuple(n for n, ix in zip(layout.x_block, layout.x_index[0], strict=True) if ix == _ALL)
+
+
+_ALL = slice(None)
+
+
+def _row_sum(a):
+    """``a[bn, ...]`` summed over every axis but the first (one reduction per axis)."""
+    while a.ndim > 1:
+        a = a.sum(axis=-1)
+    return a
 
 
 def _mma_kernel(*refs, fmt, names, bm, bn, nblk, group, n, steps, split, ragged, precision, asm):
@@ -592,7 +606,7 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
     xv = _x_view(x2, fmt, mp, x2.dtype)
     if int_dot:
         views = [qtiles.int_views(fmt, v) for v in views]
-        xv = xv.reshape(*xv.shape[:2], spec.runs // 2, 2, spec.run)
+        xv = qtiles.int_x_view(fmt, xv.reshape(mp, k))
     out_dtype = jnp.float32 if split > 1 else x2.dtype
     out_shapes = [
         jax.ShapeDtypeStruct((split, rows_out, n_g) if split > 1 else (rows_out, n_g), out_dtype)

@@ -62,8 +62,12 @@ __all__ = [
     "get_format",
     "int_dot_fma",
     "int_dot_ptx",
-    "int_blocks",
+    "INT_LAYOUT",
+    "IntCall",
+    "IntLayout",
+    "int_calls",
     "int_views",
+    "int_x_view",
     "quantize_runs",
     "quantize_x16",
     "join_runs",
@@ -375,15 +379,17 @@ def tile_runs(
 # ---------------------------------------------------------------------------------------------
 # Integer dot products: x as two int8 planes of a 15-bit code per run (batch-1 vector kernel)
 # ---------------------------------------------------------------------------------------------
-# Formats ``int_blocks`` gives as raw codes (one scale and one min per run).
-INT_DOT_FORMATS = ("Q4_K",)
+# Formats whose blocks ``int_calls`` gives as raw codes (``INT_LAYOUT`` describes them).
+INT_DOT_FORMATS = ("Q4_K", "Q6_K")
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds |v| < 2**22 to an integer, in the bits
 _ROUND_BITS = 0x4B400000  # its bit pattern
 
 
-def quantize_runs(x: jax.Array):
-    """Runs ``x[..., R]`` (any float dtype) as integer codes for ``int_dot_fma``:
-    ``(hi, lo, xs, xsum)``, the planes ``[..., R]`` and the steps and sums ``[...]``.
+def quantize_runs(x: jax.Array, run_axes: int = 1):
+    """Runs of ``x`` (its last ``run_axes`` axes; any float dtype) as integer codes for
+    ``int_dot_fma``: ``(hi, lo, xs, xsum)``, the planes in x's shape, the steps
+    ``x.shape[:-1]`` (a run's step repeated over its other axes) and the sums over x's last
+    axis.
 
     Each run gets a power-of-two step ``xs`` with every ``|x / xs| < 2**14``;
     ``q = round(x / xs) = 256 * hi + lo`` with ``hi`` int8 in [-64, 64] and ``lo`` uint8, so a
@@ -395,9 +401,12 @@ def quantize_runs(x: jax.Array):
     """
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=-1)
+    for _ in range(run_axes - 1):
+        amax = jnp.max(amax, axis=-1, keepdims=True)
     # amax < 2**(e - 126) for its biased exponent e; the step 2**(e - 140) leaves 14 bits.
     # e >= 14 keeps both powers normal (a run of zeros, or of values below 2**-113).
     e = jnp.maximum((lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF, 14)
+    e = jnp.broadcast_to(e, x.shape[:-1])
     xs = lax.bitcast_convert_type((e - 13) << 23, jnp.float32)
     inv = lax.bitcast_convert_type((267 - e) << 23, jnp.float32)
     # x * inv is exact; adding 1.5 * 2**23 rounds it to the nearest integer (ties to even),
@@ -415,89 +424,164 @@ def quantize_x16(x: jax.Array, fmt: str):
     return quantize_runs(x.reshape(m, k // spec.block, spec.runs, spec.run))
 
 
-def int_views(fmt: str, views: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """``field_views`` for ``int_blocks``: ``sc`` and ``m`` as ``[..., S/2, 2]`` (the scale
-    of run ``2c + s``, chunk ``c``'s nibble ``s``, at ``[c, s]``; a free reshape)."""
+@dataclasses.dataclass(frozen=True)
+class IntLayout:
+    """How ``int_calls`` cuts a block: ``x_block`` is the shape one block of x is viewed as
+    (``int_x_view``), ``x_index`` the static index into it of each call's x tile, whose last
+    ``run_axes`` axes are one run (one step for x's codes); ``views`` the shapes the weight's
+    fields are viewed as per block (``int_views``)."""
+
+    x_block: tuple[int, ...]
+    x_index: tuple[tuple, ...]
+    run_axes: int
+    views: Mapping[str, tuple[int, ...]]
+
+
+_A = slice(None)
+INT_LAYOUT = {
+    # Run j = 2c + s: chunk c of qs, nibble s; scales and mins at [c, s].
+    "Q4_K": IntLayout((4, 2, 32), ((_A, 0, _A), (_A, 1, _A)), 1, {"sc": (4, 2), "m": (4, 2)}),
+    # Run j = 4h + 2s + p: nibble s of ql chunk 2h + p, bits 2(2s + p) of qh chunk h; a scale
+    # per 16 elements (the last axes: half, 16).
+    "Q6_K": IntLayout(
+        (2, 2, 2, 2, 16),
+        tuple((_A, s, p, _A, _A) for s in (0, 1) for p in (0, 1)),
+        2,
+        {"ql": (2, 2, 2, 16), "qh": (2, 2, 16), "sc": (2, 2, 2, 2)},
+    ),
+}
+
+
+def _int_layout(fmt: str) -> IntLayout:
     if fmt not in INT_DOT_FORMATS:
         raise ValueError(f"integer dot products cover {INT_DOT_FORMATS}, not {fmt}")
-    half = get_format(fmt).runs // 2
-    pair = lambda v: v.reshape(*v.shape[:-1], half, 2)  # noqa: E731
-    return {k: pair(v) if k in ("sc", "m") else v for k, v in views.items()}
+    return INT_LAYOUT[fmt]
 
 
-def int_blocks(fmt: str, refs: Mapping, index: tuple) -> tuple[jax.Array, list[tuple]]:
-    """The blocks at ``index`` (as ``tile_runs``) as raw codes for ``int_dot_fma``: the packed
-    bytes ``[..., S/2, R]`` (chunk ``c`` holds runs ``2c`` and ``2c + 1`` in its low and high
-    nibbles) and, per nibble ``s``, ``(s, scale [..., S/2], min [..., S/2])``: the weights of
-    run ``2c + s`` are ``scale[c] * nibble_s(bytes[c]) - min[c]`` (f32, exact as in
-    ``tile_runs``). ``refs`` are ``int_views``. Whole blocks in a few wide loads: per-run
-    loads of the scales were each a scattered byte per row (Nsight Compute, RESULTS.md)."""
+def int_views(fmt: str, views: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """``field_views`` reshaped for ``int_calls`` (free reshapes of each block's fields)."""
+    shapes = _int_layout(fmt).views
+    out = {}
+    for name, v in views.items():
+        per_block = get_format(fmt).fields[name][2]
+        lead = v.shape[: v.ndim - len(per_block)]
+        out[name] = v.reshape(*lead, *shapes[name]) if name in shapes else v
+    return out
+
+
+def int_x_view(fmt: str, x: jax.Array) -> jax.Array:
+    """``x[M, K]`` viewed as ``[M, K/B, *x_block]`` for ``int_calls``' x tiles."""
+    spec = get_format(fmt)
+    return x.reshape(x.shape[0], x.shape[1] // spec.block, *_int_layout(fmt).x_block)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntCall:
+    """One ``int_dot_fma`` over a tile: ``q`` packed code bytes, ``nibble`` and ``high``
+    (``(qh bytes, shift, mask)`` or None) as in ``_codes``; the weights are
+    ``scale * code - min`` with ``scale``/``min`` one per run piece (``q.shape[:-1]``); its x
+    tile is ``INT_LAYOUT[fmt].x_index[i]`` of the block's x."""
+
+    q: jax.Array
+    nibble: int
+    high: tuple | None
+    scale: jax.Array
+    min: jax.Array
+
+
+def int_calls(fmt: str, refs: Mapping, index: tuple) -> list[IntCall]:
+    """The blocks at ``index`` (as ``tile_runs``; ``refs`` are ``int_views``) as the calls of
+    ``int_dot_fma`` that cover them, one per entry of ``INT_LAYOUT[fmt].x_index``. Whole
+    blocks in a few wide loads: per-run loads of the scales were each a scattered byte per row
+    (Nsight Compute, RESULTS.md run u)."""
+    _int_layout(fmt)
     ix = tuple(index)
-    d = _f32(refs["d"][ix])[..., None]
-    dmin = _f32(refs["dmin"][ix])[..., None]
-    q = refs["qs"][(*ix, slice(None), slice(None))]
-    halves = [
-        (
-            s,
-            d * _f32(refs["sc"][(*ix, slice(None), s)]),
-            dmin * _f32(refs["m"][(*ix, slice(None), s)]),
-        )
-        for s in (0, 1)
-    ]
-    return q, halves
+    d = _f32(refs["d"][ix])
+    if fmt == "Q4_K":
+        d, dmin = d[..., None], _f32(refs["dmin"][ix])[..., None]
+        q = refs["qs"][(*ix, _A, _A)]  # [..., 4, 32]
+        return [
+            IntCall(
+                q, s, None, d * _f32(refs["sc"][(*ix, _A, s)]), dmin * _f32(refs["m"][(*ix, _A, s)])
+            )
+            for s in (0, 1)
+        ]
+    # Q6_K: weights d * sc * (code - 32): the min is 32 * d * sc.
+    d = d[..., None, None]
+    qh = refs["qh"][(*ix, _A, _A, _A)]  # [..., 2 (h), 2 (half), 16]
+    calls = []
+    for s in (0, 1):
+        for p in (0, 1):
+            q = refs["ql"][(*ix, _A, p, _A, _A)]  # [..., 2 (h), 2 (half), 16]
+            scale = d * _f32(refs["sc"][(*ix, _A, s, p, _A)])  # [..., 2 (h), 2 (half)]
+            calls.append(IntCall(q, s, (qh, 4 - 2 * (2 * s + p), 0x30), scale, 32.0 * scale))
+    return calls
 
 
-def int_dot_ptx(nibble: int) -> str:
-    """Inline PTX for ``int_dot_fma`` on four elements: ``$4`` packed code bytes, ``$5`` / ``$6``
-    packed hi (int8) / lo (uint8) planes of x, ``$7`` the scale (``$8-$10``: its copies),
-    ``$11-$14`` the accumulators in, ``$0-$3`` out."""
+def int_dot_ptx(nibble: int, high: tuple[int, int] | None = None) -> str:
+    """Inline PTX for ``int_dot_fma`` on four elements: ``$4`` packed code bytes (and ``$5``
+    packed high-bit bytes when ``high = (shift, mask)``), then the packed hi (int8) / lo
+    (uint8) planes of x, the scale (and 3 copies), the 4 accumulators in; ``$0-$3`` out."""
+    a = 5 if high is None else 6  # first operand after the code bytes
     extract = (
         ["and.b32 c, $4, 0x0F0F0F0F;"]
         if nibble == 0
         else ["shr.b32 c, $4, 4;", "and.b32 c, c, 0x0F0F0F0F;"]
     )
+    if high is not None:
+        n, mask = high
+        m4 = int.from_bytes(bytes([mask]) * 4, "little")
+        extract += [_ptx_shift("h", "$5", n), f"and.b32 h, h, {m4:#x};", "or.b32 c, c, h;"]
+    hi, lo, sc, acc = f"${a}", f"${a + 1}", f"${a + 2}", a + 6
     return "\n".join(
         ["{", ".reg .b32 c, h, l;", *extract]
         + [
-            "dp4a.u32.s32 h, c, $5, 0;",  # sum of code * hi (signed)
-            "dp4a.u32.u32 l, c, $6, 0;",  # sum of code * lo (unsigned)
-            "mad.lo.s32 h, h, 256, l;",  # the exact integer dot, |h| < 2**22
+            f"dp4a.u32.s32 h, c, {hi}, 0;",  # sum of code * hi (signed)
+            f"dp4a.u32.u32 l, c, {lo}, 0;",  # sum of code * lo (unsigned)
+            "mad.lo.s32 h, h, 256, l;",  # the exact integer dot, |h| < 2**22 (6-bit codes too)
             f"add.s32 h, h, {_ROUND_BITS:#x};",  # magic-number int -> float (full rate)
             f"sub.f32 h, h, 0f{_ROUND_BITS:08X};",
-            "fma.rn.f32 $0, h, $7, $11;",
-            "mov.b32 $1, $12;",
-            "mov.b32 $2, $13;",
-            "mov.b32 $3, $14;",
+            f"fma.rn.f32 $0, h, {sc}, ${acc};",
+            f"mov.b32 $1, ${acc + 1};",
+            f"mov.b32 $2, ${acc + 2};",
+            f"mov.b32 $3, ${acc + 3};",
             "}",
         ]
     )
 
 
-def int_dot_fma(q, hi, lo, scale, acc, *, nibble: int, asm: bool) -> jax.Array:
+def int_dot_fma(q, hi, lo, scale, acc, *, nibble: int, high=None, asm: bool) -> jax.Array:
     """``acc`` plus ``scale * sum(code * (256 * hi + lo))`` over each group of 4 consecutive
     elements, added to the group's first element (the other three pass through).
 
-    ``q`` holds the packed code bytes (``nibble`` 0 or 1 of each), ``hi``/``lo`` x's planes
-    (``quantize_x16``), all of ``acc``'s shape ``[..., R]`` (broadcast by the caller); ``scale``
-    is the same for the 4 elements of a group. With ``asm`` (compiled kernels) one inline-PTX
-    call per 4 elements does it with two ``dp4a``: ~2 instructions per weight where the float
-    path (``tile_runs`` + ``fma``) spends ~5 plus x's conversion. Which 4 elements the compiled
-    call groups is Triton's packing order (4 consecutive elements a thread holds): the vector
-    kernel's run tiles keep 16 consecutive bytes per thread, so a group never leaves a run.
+    ``q`` holds the packed code bytes (``nibble`` 0 or 1 of each, OR'ed with
+    ``shift(qh, n) & mask`` for ``high = (qh, n, mask)``, as ``_codes``), ``hi``/``lo`` x's
+    planes (``quantize_runs``), all of ``acc``'s shape ``[..., R]`` (broadcast by the caller);
+    ``scale`` is the same for the 4 elements of a group. With ``asm`` (compiled kernels) one
+    inline-PTX call per 4 elements does it with two ``dp4a``: ~2 instructions per weight
+    where the float path (``tile_runs`` + ``fma``) spends ~5 plus x's conversion. Which 4
+    elements the compiled call groups is Triton's packing order (4 consecutive elements a
+    thread holds): the vector kernel's tiles keep at least 8 consecutive bytes per thread
+    (runs, or halves of a Q6_K run), so a group never straddles two scales; the GPU tests
+    against the reference would catch it if one did.
     """
     if asm:
         from jax.experimental.pallas import triton as plgpu
 
+        codes = [q] if high is None else [q, high[0]]
         [y] = plgpu.elementwise_inline_asm(
-            int_dot_ptx(nibble),
-            args=[q, hi, lo, scale, acc],
-            constraints="=r,=r,=r,=r," + ",".join("r" * 11),
+            int_dot_ptx(nibble, None if high is None else high[1:]),
+            args=[*codes, hi, lo, scale, acc],
+            constraints="=r,=r,=r,=r," + ",".join("r" * (len(codes) + 10)),
             pack=4,
             result_shape_dtypes=[jax.ShapeDtypeStruct(acc.shape, jnp.float32)],
         )
         return y
-    codes = ((q >> 4 * nibble) & 15).astype(jnp.int32)
-    prod = codes * (hi.astype(jnp.int32) * 256 + lo.astype(jnp.int32))
+    codes = (q >> 4 * nibble) & 15
+    if high is not None:
+        qh, n, mask = high
+        codes = codes | (_shift(qh, n) & mask)
+    prod = codes.astype(jnp.int32) * (hi.astype(jnp.int32) * 256 + lo.astype(jnp.int32))
     *lead, r = acc.shape
     groups = prod.reshape(*lead, r // 4, 4).sum(axis=-1).astype(jnp.float32)
     first = scale.reshape(*lead, r // 4, 4)[..., 0] * groups
