@@ -23,6 +23,12 @@ What is notable here:
     ``load_x``): x loaded in the step it was used stalled every warp on an L2 round trip
     (the top stall site in run s's Nsight Compute source view). Tensor cores would idle 15/16
     of their rows, and the ``mma`` kernel with x padded to 16 rows measured slower (run s).
+  * ``vector`` with **integer dot products** (``BlockSizes.int_dot``; by default Q4_K against
+    one bf16 row): the kernel rounds each run of x to 15-bit codes with a power-of-two step
+    (two int8 planes, ``qtiles.quantize_runs``) and contracts them with the weights' 4-bit
+    codes by ``dp4a``, two per four weights (``qtiles.int_dot_fma``): 7.5 instructions per
+    weight against 8.1 in floats, and whole blocks' codes and scales in a few wide loads;
+    E4B Q4_K_M 279-282 -> 325-329 tok/s (RESULTS.md run u). Q6_K has it too, not faster.
   * ``mma`` with small tiles (4 < M <= 64, batched decode) and large tiles (M > 64, prefill):
     each loop step dequantizes ``block_k`` K elements of ``block_n`` rows (f32, then x.dtype)
     and contracts them with ONE ``dot`` (``qtiles.join_runs`` interleaves the runs; x comes
