@@ -307,7 +307,7 @@ def _vector_kernel(
       experts_ref: [P] int32 expert of each pair (grouped only)
       xrow_ref: [P] int32 row of x of each pair (grouped only)
       x_ref: [Mp, K/B, S, R] in x's dtype (converted here: no separate XLA convert launch);
-        ``[Mp, K/B, S/2, 2, R]`` with ``int_dot``
+        with ``int_dot``, ``[Mp, K/B, *INT_LAYOUT[fmt].x_block]`` (``qtiles.int_x_view``)
       *field refs: ``qtiles.field_views`` of each weight in turn, ``[(E,) N_g, K/B, ...]``
       *o_refs, one per weight: [split, Mp, N_g] f32 if split > 1 else [Mp, N_g] x.dtype
     grid: (row tiles of all weights, Mp / bm (pairs if grouped), split)
@@ -457,12 +457,12 @@ def _vector_tile_int(
         _store_row(o_ref, _row_sum(acc) - _row_sum(mn), orow, rows, pid_s, split)
 
 
+_ALL = slice(None)
+
+
 def _call_shape(layout) -> tuple[int, ...]:
     """The per-block shape of one ``int_calls`` tile (x_block with the call's index applied)."""
     return tuple(n for n, ix in zip(layout.x_block, layout.x_index[0], strict=True) if ix == _ALL)
-
-
-_ALL = slice(None)
 
 
 def _row_sum(a):
@@ -608,6 +608,7 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
         pre = []
     split, nbk = bs.split_k, bs.block_k // spec.block
     asm = _use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps)
+    # dp4a exists only as inline PTX: a compiled tile too small for it takes the float path.
     int_dot = bool(bs.int_dot) and (interpret or asm)
     xv = _x_view(x2, fmt, mp, x2.dtype)
     if int_dot:

@@ -213,3 +213,35 @@ def test_matmuls_parts_reach_the_norm_kernels(monkeypatch):
         want = ops.residual_norm(h, plain[0], *norms, **kw)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_int_dot_switch(monkeypatch):
+    # GEMMA4_JAX_INT_DOT (read at trace time): unset is the kernel default (integer dot
+    # products for one bf16 row of Q4_K; an f32 row keeps the exact float path), 0 / 1 force
+    # them off / on, anything else is an error that names the variable. f32 x tells the two
+    # paths apart (x rounded to 15-bit codes); in bf16 their outputs round alike here.
+    from pallas_kernels import qmatmul as qm
+
+    w = jax.tree.map(lambda *a: jnp.stack(a), *(_weight("Q4_K", 48, 512, seed=s) for s in (1, 2)))
+    x = random_x((1, 1, 512), jnp.float32, seed=9)
+    fields = ops._fields(w)
+
+    def kernel(int_dot):
+        bs = qm.BlockSizes(int_dot=int_dot)
+        return qm.stacked_qmatmul(x, "Q4_K", fields, jnp.int32(1), interpret=True, block_sizes=bs)
+
+    with ops.use_kernels("pallas"):
+        run = lambda: np.asarray(ops.matmul(x, ops.LayerSlice(w, jnp.int32(1))))  # noqa: E731
+        default = run()
+        monkeypatch.setenv("GEMMA4_JAX_INT_DOT", "0")
+        off = run()
+        monkeypatch.setenv("GEMMA4_JAX_INT_DOT", "1")
+        on = run()
+        monkeypatch.setenv("GEMMA4_JAX_INT_DOT", "yes")
+        with pytest.raises(ValueError, match="GEMMA4_JAX_INT_DOT"):
+            run()
+    float_path, int_path = np.asarray(kernel(False)), np.asarray(kernel(True))
+    assert (float_path != int_path).any()
+    np.testing.assert_array_equal(default, float_path)
+    np.testing.assert_array_equal(off, float_path)
+    np.testing.assert_array_equal(on, int_path)
