@@ -649,6 +649,17 @@ class TestQMatmul:
         err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max()) / scale
         assert out.dtype == x.dtype and err <= (TOL[dtype] if dtype == jnp.bfloat16 else 2**-13)
 
+    @pytest.mark.parametrize("bad", [np.nan, np.inf])
+    def test_int_dot_keeps_non_finite_x(self, bad):
+        # A NaN / inf in x must not come out as finite numbers: its codes are garbage, but the
+        # run's sum of x (the min term) carries it into every output row.
+        fmt, k = "Q4_K", 512
+        fields = random_fields(fmt, (), 40, k, seed=60)
+        x = random_x((1, k), jnp.bfloat16, seed=61).at[0, 300].set(bad)
+        bs = qm.BlockSizes(int_dot=True)
+        out = qm.qmatmul(x, fmt, fields, interpret=self.interpret, block_sizes=bs)
+        assert not np.isfinite(np.asarray(out.astype(jnp.float32))).any()
+
     @pytest.mark.parametrize("fmt", qtiles.INT_DOT_FORMATS)
     def test_int_dot_stacked_parts(self, fmt):
         # The model's call: merged stacks at one layer, split-K partials, bf16 x.
