@@ -23,6 +23,7 @@ __all__ = [
     "dot_precision",
     "is_pow2",
     "load",
+    "load_partials_sum",
     "next_pow2",
     "store",
 ]
@@ -35,6 +36,18 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def load(ref, *, mask=None, other=None) -> jax.Array:
     """Masked load from a (sliced) ref; lanes where ``mask`` is False read ``other``."""
     return plgpu.load(ref, mask=mask, other=other)
+
+
+def load_partials_sum(ref, index: tuple, *, mask=None) -> jax.Array:
+    """The f32 sum over ``ref``'s leading axis of the masked loads ``ref[s, *index]``: split-K
+    partial sums added by their consumer kernel. One load per partial, since the Triton
+    lowering needs power-of-two shapes and the split need not be one (``jnp.int32`` indices:
+    interpret mode cannot discharge a Python int index of a ref)."""
+    total = None
+    for s in range(ref.shape[0]):
+        x = load(ref.at[(jnp.int32(s), *index)], mask=mask, other=0).astype(jnp.float32)
+        total = x if total is None else total + x
+    return total
 
 
 def store(ref, val, *, mask=None) -> None:

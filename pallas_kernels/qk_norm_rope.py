@@ -66,11 +66,7 @@ def _load_half(x_ref, cols, mask, sum_dtype):
     split-K partials) their f32 sum, rounded to ``sum_dtype`` as the summed projection was."""
     if sum_dtype is None:
         return _compat.load(x_ref.at[:, cols], mask=mask, other=0).astype(jnp.float32)
-    # One load per partial: the Triton lowering needs power-of-two shapes, S need not be one.
-    # (jnp.int32 indices: interpret mode cannot discharge a Python int index of a ref.)
-    x = _compat.load(x_ref.at[jnp.int32(0), :, cols], mask=mask, other=0).astype(jnp.float32)
-    for s in range(1, x_ref.shape[0]):
-        x += _compat.load(x_ref.at[jnp.int32(s), :, cols], mask=mask, other=0).astype(jnp.float32)
+    x = _compat.load_partials_sum(x_ref, (slice(None), cols), mask=mask)
     return x.astype(sum_dtype).astype(jnp.float32)
 
 

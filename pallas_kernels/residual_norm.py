@@ -67,12 +67,7 @@ def _residual_norm_kernel(*refs, dim, eps, has_scale, a_dtype, parts):
     layer, nxt = layer_ref[()], next_ref[()]
     cols = pl.ds(0, dp)
     if parts:  # split-K partials of the projection: their sum, rounded as XLA's sum would be
-        # One load per partial: the Triton lowering needs power-of-two shapes, S need not be.
-        # (jnp.int32 indices: interpret mode cannot discharge a Python int index of a ref.)
-        a = _compat.load(a_ref.at[jnp.int32(0)], mask=ok, other=0).astype(jnp.float32)
-        for s in range(1, a_ref.shape[0]):
-            a += _compat.load(a_ref.at[jnp.int32(s)], mask=ok, other=0).astype(jnp.float32)
-        a = a.astype(a_dtype).astype(jnp.float32)
+        a = _compat.load_partials_sum(a_ref, (), mask=ok).astype(a_dtype).astype(jnp.float32)
     else:
         a = _compat.load(a_ref, mask=ok, other=0).astype(jnp.float32)
     w_a = _compat.load(wa_ref.at[layer, cols], mask=ok, other=0).astype(jnp.float32)
