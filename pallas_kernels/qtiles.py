@@ -69,7 +69,6 @@ __all__ = [
     "int_views",
     "int_x_view",
     "quantize_runs",
-    "quantize_x16",
     "join_runs",
     "permute_for_join",
     "tile_runs",
@@ -220,21 +219,45 @@ def _ptx_shift(dst: str, src: str, n: int) -> str:
     return f"mov.b32 {dst}, {src};"
 
 
+def _code_bits_ptx(dst: str, nibble: int | None, high: tuple[int, int] | None) -> list[str]:
+    """PTX lines leaving in ``dst`` the 4 integer codes of the packed bytes in ``$4`` (as
+    ``_code_bits``; the high-bit bytes in ``$5``, scratch register ``h``)."""
+    if nibble is None:
+        lines = [f"xor.b32 {dst}, $4, 0x80808080;"]
+    elif nibble == 0:
+        lines = [f"and.b32 {dst}, $4, 0x0F0F0F0F;"]
+    else:
+        lines = [f"shr.b32 {dst}, $4, 4;", f"and.b32 {dst}, {dst}, 0x0F0F0F0F;"]
+    if high is not None:
+        n, mask = high
+        m4 = int.from_bytes(bytes([mask]) * 4, "little")
+        lines += [_ptx_shift("h", "$5", n), f"and.b32 h, h, {m4:#x};", f"or.b32 {dst}, {dst}, h;"]
+    return lines
+
+
+def _code_bits(q, nibble: int | None, high=None):
+    """The integer codes of the bytes ``q`` (jnp): ``q + 128`` (int8 ``q``, ``nibble=None``),
+    else nibble ``nibble`` OR'ed with ``shift(qh, n) & mask`` for ``high=(qh, n, mask)``."""
+    if nibble is None:
+        u = _u8(q) ^ 0x80
+    else:
+        u = (q >> 4 * nibble) & 15
+    if high is not None:
+        qh, n, mask = high
+        u = u | (_shift(qh, n) & mask)
+    return u
+
+
 def codes_ptx(nibble: int | None, high: tuple[int, int] | None) -> str:
     """Inline PTX for ``_codes``: ``$4`` holds 4 packed bytes of q (``$5``: of qh when ``high =
     (shift, mask)``), ``$0..$3`` receive the f32 bit patterns ``0x4B0000cc`` (= 2**23 + code)
     of bytes 0..3. Triton packs element ``i`` of each group of 4 into byte ``i``."""
-    lines = ["{", ".reg .b32 t, h, m;", f"mov.b32 m, {_MAGIC:#x};"]
-    if nibble is None:
-        lines.append("xor.b32 t, $4, 0x80808080;")
-    elif nibble == 0:
-        lines.append("and.b32 t, $4, 0x0F0F0F0F;")
-    else:
-        lines += ["shr.b32 t, $4, 4;", "and.b32 t, t, 0x0F0F0F0F;"]
-    if high is not None:
-        n, mask = high
-        m4 = int.from_bytes(bytes([mask]) * 4, "little")
-        lines += [_ptx_shift("h", "$5", n), f"and.b32 h, h, {m4:#x};", "or.b32 t, t, h;"]
+    lines = [
+        "{",
+        ".reg .b32 t, h, m;",
+        f"mov.b32 m, {_MAGIC:#x};",
+        *_code_bits_ptx("t", nibble, high),
+    ]
     # prmt selector 0x744k: byte 0 <- byte k of t, bytes 1-2 <- 0x00, byte 3 <- 0x4B (of m)
     lines += [f"prmt.b32 ${k}, t, m, {0x7440 + k:#x};" for k in range(4)]
     lines.append("}")
@@ -254,14 +277,7 @@ def _codes(q, *, bias: int, nibble: int | None, high=None, asm: bool) -> jax.Arr
     per element, which made the 4-bit matvec issue-bound on sm_90 (see module docstring).
     """
     if not asm:
-        if nibble is None:
-            u = _u8(q) ^ 0x80
-        else:
-            u = (q >> 4 * nibble) & 15
-        if high is not None:
-            qh, n, mask = high
-            u = u | (_shift(qh, n) & mask)
-        bits = u.astype(jnp.int32) | _MAGIC
+        bits = _code_bits(q, nibble, high).astype(jnp.int32) | _MAGIC
     else:
         from jax.experimental.pallas import triton as plgpu
 
@@ -416,14 +432,6 @@ def quantize_runs(x: jax.Array, run_axes: int = 1):
     return (q >> 8).astype(jnp.int8), (q & 0xFF).astype(jnp.uint8), xs, xf.sum(axis=-1)
 
 
-def quantize_x16(x: jax.Array, fmt: str):
-    """``quantize_runs`` over the runs of ``fmt`` of ``x[M, K]``: hi/lo ``[M, K/B, S, R]``,
-    xs/xsum ``[M, K/B, S]``."""
-    spec = get_format(fmt)
-    m, k = x.shape
-    return quantize_runs(x.reshape(m, k // spec.block, spec.runs, spec.run))
-
-
 @dataclasses.dataclass(frozen=True)
 class IntLayout:
     """How ``int_calls`` cuts a block: ``x_block`` is the shape one block of x is viewed as
@@ -500,12 +508,11 @@ def int_calls(fmt: str, refs: Mapping, index: tuple) -> list[IntCall]:
     if fmt == "Q4_K":
         d, dmin = d[..., None], _f32(refs["dmin"][ix])[..., None]
         q = refs["qs"][(*ix, _A, _A)]  # [..., 4, 32]
-        return [
-            IntCall(
-                q, s, None, d * _f32(refs["sc"][(*ix, _A, s)]), dmin * _f32(refs["m"][(*ix, _A, s)])
-            )
-            for s in (0, 1)
-        ]
+        calls = []
+        for s in (0, 1):  # scales and mins [..., 4]: one per chunk
+            scale = d * _f32(refs["sc"][(*ix, _A, s)])
+            calls.append(IntCall(q, s, None, scale, dmin * _f32(refs["m"][(*ix, _A, s)])))
+        return calls
     # Q6_K: weights d * sc * (code - 32): the min is 32 * d * sc.
     d = d[..., None, None]
     qh = refs["qh"][(*ix, _A, _A, _A)]  # [..., 2 (h), 2 (half), 16]
@@ -523,18 +530,9 @@ def int_dot_ptx(nibble: int, high: tuple[int, int] | None = None) -> str:
     packed high-bit bytes when ``high = (shift, mask)``), then the packed hi (int8) / lo
     (uint8) planes of x, the scale (and 3 copies), the 4 accumulators in; ``$0-$3`` out."""
     a = 5 if high is None else 6  # first operand after the code bytes
-    extract = (
-        ["and.b32 c, $4, 0x0F0F0F0F;"]
-        if nibble == 0
-        else ["shr.b32 c, $4, 4;", "and.b32 c, c, 0x0F0F0F0F;"]
-    )
-    if high is not None:
-        n, mask = high
-        m4 = int.from_bytes(bytes([mask]) * 4, "little")
-        extract += [_ptx_shift("h", "$5", n), f"and.b32 h, h, {m4:#x};", "or.b32 c, c, h;"]
     hi, lo, sc, acc = f"${a}", f"${a + 1}", f"${a + 2}", a + 6
     return "\n".join(
-        ["{", ".reg .b32 c, h, l;", *extract]
+        ["{", ".reg .b32 c, h, l;", *_code_bits_ptx("c", nibble, high)]
         + [
             f"dp4a.u32.s32 h, c, {hi}, 0;",  # sum of code * hi (signed)
             f"dp4a.u32.u32 l, c, {lo}, 0;",  # sum of code * lo (unsigned)
@@ -577,11 +575,8 @@ def int_dot_fma(q, hi, lo, scale, acc, *, nibble: int, high=None, asm: bool) -> 
             result_shape_dtypes=[jax.ShapeDtypeStruct(acc.shape, jnp.float32)],
         )
         return y
-    codes = (q >> 4 * nibble) & 15
-    if high is not None:
-        qh, n, mask = high
-        codes = codes | (_shift(qh, n) & mask)
-    prod = codes.astype(jnp.int32) * (hi.astype(jnp.int32) * 256 + lo.astype(jnp.int32))
+    x_codes = hi.astype(jnp.int32) * 256 + lo.astype(jnp.int32)
+    prod = _code_bits(q, nibble, high).astype(jnp.int32) * x_codes
     *lead, r = acc.shape
     groups = prod.reshape(*lead, r // 4, 4).sum(axis=-1).astype(jnp.float32)
     first = scale.reshape(*lead, r // 4, 4)[..., 0] * groups

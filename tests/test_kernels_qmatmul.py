@@ -267,7 +267,7 @@ def test_int_dot_ptx_matches_jnp(nibble, high):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_quantize_x16(dtype):
+def test_quantize_runs(dtype):
     """x = xs * (256 hi + lo) up to half a step, the step a power of two leaving every |code|
     <= 2**14; for bf16 x every element within 2**6 of its run's largest is exact."""
     fmt = "Q4_K"
@@ -276,7 +276,8 @@ def test_quantize_x16(dtype):
     x = random_x((2, 1024), jnp.float32, seed=3) * 2.0 ** (i // 64 - 8 - (i % 11))
     # A run of zeros, and one so small the step stops at 2**-126 (f32's least normal number).
     x = x.at[0, :32].set(0.0).at[1, 32:64].set(1e-36).astype(dtype)
-    hi, lo, xs, xsum = qtiles.quantize_x16(x, fmt)
+    spec = qtiles.FORMATS[fmt]  # x's runs: [M, K/B, S, R]
+    hi, lo, xs, xsum = qtiles.quantize_runs(x.reshape(2, -1, spec.runs, spec.run))
     assert hi.dtype == jnp.int8 and lo.dtype == jnp.uint8 and hi.shape == (2, 4, 8, 32)
     assert int(jnp.abs(hi.astype(jnp.int32)).max()) <= 64
     code = hi.astype(jnp.int32) * 256 + lo.astype(jnp.int32)
