@@ -358,30 +358,46 @@ def _vector_tile(
     def load_x(t):  # x of step t: rows x runs of [nbk, R], in x's dtype
         return tuple(x_ref[xr, blocks(t), j, :] for xr in x_rows for j in range(n_runs))
 
-    lo, hi = _k_range(pid_s, steps=steps, split=split)
-    # Prologue: step lo's arrays (the dequantization traced here is dead code).
-    first = _TileLoads(w_refs, len(lead), blocks(lo))
-    qtiles.tile_runs(fmt, first, (*lead, blocks(lo)), asm=False)
+    def read(loads, t, live):  # S x [bn, nbk, R]; the prologue's dequantization is dead code
+        return qtiles.tile_runs(fmt, loads, (*lead, blocks(t)), asm=asm and live)
 
-    def body(t, carry):
-        accs, tile, xs = carry
-        # The last step loads its own tile again (an L2 hit) rather than branch.
-        ahead = jnp.minimum(t + 1, hi - 1)
-        loads = _TileLoads(w_refs, len(lead), blocks(ahead), tile)
-        runs = qtiles.tile_runs(fmt, loads, (*lead, blocks(t)), asm=asm)  # S x [bn, nbk, R]
+    def update(accs, runs, xs):
         accs = list(accs)
         for j, w in enumerate(runs):
             for i in range(len(x_rows)):
                 x = xs[i * n_runs + j].astype(jnp.float32)  # [nbk, R]
                 accs[i] = qtiles.fma(w, x[None], accs[i], asm=asm)
-        return tuple(accs), tuple(loads.loaded), load_x(ahead)
+        return tuple(accs)
 
-    zeros = jnp.zeros((bn, nbk, r), jnp.float32)
-    # Every split has at least one step (split_k <= steps), so step `lo` is in bounds.
-    init = ((zeros,) * len(x_rows), tuple(first.loaded), load_x(lo))
-    accs, _, _ = lax.fori_loop(lo, hi, body, init)
+    def init():
+        return (jnp.zeros((bn, nbk, r), jnp.float32),) * len(x_rows)
+
+    k_range = _k_range(pid_s, steps=steps, split=split)
+    accs = _pipelined_steps(w_refs, len(lead), blocks, k_range, read, load_x, update, init)
     for acc, orow in zip(accs, out_rows, strict=True):
         _store_row(o_ref, acc.sum(axis=2).sum(axis=1), orow, rows, pid_s, split)
+
+
+def _pipelined_steps(w_refs, block_axis, blocks, k_range, read, load_x, update, init):
+    """The vector kernel's K loop over steps ``k_range = (lo, hi)``, software-pipelined by hand:
+    step t's weight arrays (``read(loads, t, live)`` through ``_TileLoads``) and x
+    (``load_x(t)``) are loaded during step t - 1, so a tile is always in flight; each step
+    computes ``acc = update(acc, read's values, x)`` from ``acc = init()``. Every split has
+    at least one step (split_k <= steps), so step ``lo`` is in bounds; the last step loads
+    its own tile again (an L2 hit) rather than branch."""
+    lo, hi = k_range
+    first = _TileLoads(w_refs, block_axis, blocks(lo))
+    read(first, lo, False)  # the prologue: only its loads matter
+
+    def body(t, carry):
+        acc, tile, xs = carry
+        ahead = jnp.minimum(t + 1, hi - 1)
+        loads = _TileLoads(w_refs, block_axis, blocks(ahead), tile)
+        acc = update(acc, read(loads, t, True), xs)
+        return acc, tuple(loads.loaded), load_x(ahead)
+
+    acc, _, _ = lax.fori_loop(lo, hi, body, (init(), tuple(first.loaded), load_x(lo)))
+    return acc
 
 
 def _tile_rows(pids, experts_ref, xrow_ref, *, bm, bn, n):
@@ -429,16 +445,11 @@ def _vector_tile_int(
         b = blocks(t)
         return tuple(x_ref[(xr, b, *ix)] for xr in x_rows for ix in layout.x_index)
 
-    lo_step, hi_step = _k_range(pid_s, steps=steps, split=split)
-    first = _TileLoads(w_refs, len(lead), blocks(lo_step))
-    qtiles.int_calls(fmt, first, (*lead, blocks(lo_step)))
+    def read(loads, t, live):
+        return qtiles.int_calls(fmt, loads, (*lead, blocks(t)))
 
-    def body(t, carry):
-        accs, mins, tile, xs_all = carry
-        ahead = jnp.minimum(t + 1, hi_step - 1)
-        loads = _TileLoads(w_refs, len(lead), blocks(ahead), tile)
-        calls = qtiles.int_calls(fmt, loads, (*lead, blocks(t)))
-        accs, mins = list(accs), list(mins)
+    def update(acc, calls, xs_all):
+        accs, mins = list(acc[0]), list(acc[1])
         for i in range(len(x_rows)):
             for c, call in enumerate(calls):
                 hi, lo, step, xsum = qtiles.quantize_runs(xs_all[i * per_row + c], layout.run_axes)
@@ -448,11 +459,14 @@ def _vector_tile_int(
                     sc, accs[i], nibble=call.nibble, high=call.high, asm=asm,
                 )  # fmt: skip
                 mins[i] = qtiles.fma(call.min, xsum[None], mins[i], asm=asm)
-        return tuple(accs), tuple(mins), tuple(loads.loaded), load_x(ahead)
+        return tuple(accs), tuple(mins)
 
-    zeros, zmins = jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:-1], jnp.float32)
-    init = ((zeros,) * len(x_rows), (zmins,) * len(x_rows), tuple(first.loaded), load_x(lo_step))
-    accs, mins, _, _ = lax.fori_loop(lo_step, hi_step, body, init)
+    def init():
+        zeros, zmins = jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:-1], jnp.float32)
+        return (zeros,) * len(x_rows), (zmins,) * len(x_rows)
+
+    k_range = _k_range(pid_s, steps=steps, split=split)
+    accs, mins = _pipelined_steps(w_refs, len(lead), blocks, k_range, read, load_x, update, init)
     for acc, mn, orow in zip(accs, mins, out_rows, strict=True):
         _store_row(o_ref, _row_sum(acc) - _row_sum(mn), orow, rows, pid_s, split)
 
@@ -610,10 +624,11 @@ def _vector_call(x2, fmt, views, ns, bs, interpret, *, experts=None, x_rows=None
     asm = _use_asm(interpret, bs.block_n * nbk * spec.run, bs.num_warps)
     # dp4a exists only as inline PTX: a compiled tile too small for it takes the float path.
     int_dot = bool(bs.int_dot) and (interpret or asm)
-    xv = _x_view(x2, fmt, mp, x2.dtype)
     if int_dot:
         views = [qtiles.int_views(fmt, v) for v in views]
-        xv = qtiles.int_x_view(fmt, xv.reshape(mp, k))
+        xv = qtiles.int_x_view(fmt, _pad_axis(x2, 0, mp))
+    else:
+        xv = _x_view(x2, fmt, mp, x2.dtype)
     out_dtype = jnp.float32 if split > 1 else x2.dtype
     out_shapes = [
         jax.ShapeDtypeStruct((split, rows_out, n_g) if split > 1 else (rows_out, n_g), out_dtype)
