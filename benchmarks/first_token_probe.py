@@ -8,8 +8,10 @@ Writes the GGUF once (random_model.write_real_size_gguf) unless `--gguf` names o
 warm), each timing its phases from process start: import (jax + gemma4_jax), backend start
 (`jax.devices()`), `load`, and `generate` of one token from a 32-token prompt (trace, compile
 or cache load, run). With `jax_log_compiles` on, it also sums JAX's own "Finished ..." log
-lines (tracing, lowering to MLIR, XLA compilation) and lists the slowest programs. bench_e2e's
-first_token part measures the same path without the breakdown.
+lines (tracing, lowering to MLIR, XLA compilation) and lists the slowest programs. `--sample`
+stack-samples the warm runs (`stack_sampler.py`: where each thread's wall time goes, the
+loader's pool included). bench_e2e's first_token part measures the same path without the
+breakdown.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 _CHILD = """
 import sys, time
 t0 = time.time()
+sampler = None
+if sys.argv[3] == "1":
+    from stack_sampler import StackSampler
+    sampler = StackSampler().start()
 import jax
 jax.config.update("jax_compilation_cache_dir", sys.argv[2])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -42,6 +48,9 @@ prompt = np.random.default_rng(7).integers(3, model.params.config.vocab_size, si
 g4.generate(model.params, [prompt], max_new_tokens=1, stop_tokens=())
 t4 = time.time()
 print(f"PHASES {t1 - t0:.3f} {t2 - t1:.3f} {t3 - t2:.3f} {t4 - t3:.3f}", flush=True)
+if sampler is not None:
+    report = sampler.stop().report(top=int(sys.argv[4]))
+    print("SAMPLES", report, "END SAMPLES", sep=chr(10), flush=True)
 """
 
 _FINISHED = re.compile(r"Finished (.*) in ([0-9.e+-]+) sec")
@@ -57,14 +66,16 @@ def _kind(what: str) -> str:
     return "other"
 
 
-def run_once(gguf: str, cache: str, xla_flags: str, timeout: float) -> dict:
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+def run_once(
+    gguf: str, cache: str, xla_flags: str, timeout: float, sample: bool = False, top: int = 40
+) -> dict:
+    path = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=path)
     if xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     t = time.time()
     p = subprocess.run(
-        [sys.executable, "-c", _CHILD, gguf, cache],
+        [sys.executable, "-c", _CHILD, gguf, cache, str(int(sample)), str(top)],
         env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     out = p.stdout + p.stderr
@@ -76,7 +87,9 @@ def run_once(gguf: str, cache: str, xla_flags: str, timeout: float) -> dict:
     for sec, what in programs:
         totals[_kind(what)] = totals.get(_kind(what), 0.0) + sec
     names = ("import_s", "backend_s", "load_s", "first_token_s")
+    samples = re.search(r"SAMPLES\n(.*)\nEND SAMPLES", out, re.S)
     return {
+        "samples": samples.group(1) if samples else None,
         **dict(zip(names, map(float, phases), strict=True)),
         "log_totals_s": totals,
         "slowest": sorted(programs, reverse=True)[:8],
@@ -92,6 +105,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2, help="fresh processes: 1 cold + warm ones")
     ap.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the children")
     ap.add_argument("--timeout", type=float, default=200.0)
+    ap.add_argument(
+        "--sample", action="store_true", help="stack-sample the warm runs (stack_sampler.py)"
+    )
+    ap.add_argument("--top", type=int, default=40, help="functions listed per thread group")
     args = ap.parse_args()
 
     gguf = args.gguf
@@ -106,7 +123,7 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="jaxcache_")
     print(f"{gguf}, cache {cache}, XLA_FLAGS+={args.xla_flags!r}")
     for i in range(args.runs):
-        r = run_once(gguf, cache, args.xla_flags, args.timeout)
+        r = run_once(gguf, cache, args.xla_flags, args.timeout, args.sample and i > 0, args.top)
         label = "cold" if i == 0 else "warm"
         if "error" in r:
             print(f"{label}: FAILED\n{r['error']}")
@@ -119,6 +136,8 @@ def main() -> None:
         )
         for sec, what in r["slowest"][:5]:
             print(f"    {sec:7.3f} s  {what[:100]}")
+        if r["samples"]:
+            print(r["samples"])
 
 
 if __name__ == "__main__":
