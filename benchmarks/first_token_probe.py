@@ -67,10 +67,16 @@ def _kind(what: str) -> str:
 
 
 def run_once(
-    gguf: str, cache: str, xla_flags: str, timeout: float, sample: bool = False, top: int = 40
+    gguf: str,
+    cache: str,
+    xla_flags: str,
+    timeout: float,
+    sample: bool = False,
+    top: int = 40,
+    extra_env: dict | None = None,
 ) -> dict:
     path = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=path)
+    env = dict(os.environ, PYTHONPATH=path, **(extra_env or {}))
     if xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     t = time.time()
@@ -109,6 +115,11 @@ def main() -> None:
         "--sample", action="store_true", help="stack-sample the warm runs (stack_sampler.py)"
     )
     ap.add_argument("--top", type=int, default=40, help="functions listed per thread group")
+    ap.add_argument(
+        "--alt-env",
+        default="",
+        help="KEY=VAL[,KEY=VAL]: every other warm run sets these (an A/B in one cache)",
+    )
     args = ap.parse_args()
 
     gguf = args.gguf
@@ -122,9 +133,14 @@ def main() -> None:
             write_real_size_gguf(gguf, args.family, args.quant)
     cache = tempfile.mkdtemp(prefix="jaxcache_")
     print(f"{gguf}, cache {cache}, XLA_FLAGS+={args.xla_flags!r}")
+    alt = dict(kv.split("=", 1) for kv in args.alt_env.split(",") if kv)
     for i in range(args.runs):
-        r = run_once(gguf, cache, args.xla_flags, args.timeout, args.sample and i > 0, args.top)
-        label = "cold" if i == 0 else "warm"
+        use_alt = bool(alt) and i > 0 and i % 2 == 0
+        sample = args.sample and i > 0
+        r = run_once(
+            gguf, cache, args.xla_flags, args.timeout, sample, args.top, alt if use_alt else None
+        )
+        label = "cold" if i == 0 else ("warm " + args.alt_env if use_alt else "warm")
         if "error" in r:
             print(f"{label}: FAILED\n{r['error']}")
             continue

@@ -34,9 +34,10 @@ Design points:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import gguf
@@ -517,15 +518,22 @@ def from_gguf_on_device(
     *,
     stacked: bool,
     name: str | None = None,
+    submit: Callable[..., concurrent.futures.Future] | None = None,
 ) -> QTensor:
     """`from_gguf` with the block split done on the default device.
 
     `datas` holds one tensor's raw data (`stacked=False`) or several same-shape tensors to
     stack on a new leading axis (the layers of a scan segment). Each goes to the device as
-    the file stores it (one contiguous transfer, no host-side repack or stack), and one jitted
-    program per (type, shape, count) splits the blocks into fields: the same `_split` code as
+    the file stores it (no host-side repack or stack), and one jitted program per (type,
+    shape, count, pieces) joins and splits the blocks into fields: the same `_split` code as
     the host path, so the fields are bit-identical. Why: on a GPU host the numpy repack ran at
     ~0.75 GB/s per thread and dominated load time; the device does it at memory bandwidth.
+
+    With `submit` (an executor's `submit`), the bytes travel in whole-row pieces of at most
+    `TRANSFER_PIECE_BYTES`, each a `jax.device_put` run by `submit`; without it, each tensor
+    is one `device_put` here. Why pieces: one `device_put` is one thread's copy into pinned
+    staging memory, so the largest tensor (E4B's 3 GB per-layer embedding table, or a
+    42-layer stack) set the load time on its own.
     """
     cls = _lookup(ggml_type, name)
     shape = tuple(int(s) for s in shape)
@@ -535,13 +543,41 @@ def from_gguf_on_device(
         raise GGUFError(f"{_what(name)}: {e}") from None
     if not stacked and len(raws) != 1:
         raise ValueError("stacked=False takes exactly one tensor")
-    on_device = [jax.device_put(r) for r in raws]
-    return cls(*_device_split(cls, shape, len(raws), stacked)(*on_device))
+    row_bytes = shape[-1] // cls.block_size * cls.type_size
+    if submit is None:
+        pieces = [[r] for r in raws]
+        on_device = [jax.device_put(r) for r in raws]
+    else:
+        pieces = [_row_pieces(r, row_bytes) for r in raws]
+        futures = [submit(jax.device_put, piece) for ps in pieces for piece in ps]
+        on_device = [f.result() for f in futures]
+    split = _device_split(cls, shape, tuple(len(ps) for ps in pieces), stacked)
+    return cls(*split(*on_device))
+
+
+# Largest host -> device transfer `from_gguf_on_device` makes (see there): big enough that
+# per-call overhead is small, small enough that 16 threads share a 3 GB tensor.
+TRANSFER_PIECE_BYTES = 64 << 20
+
+
+def _row_pieces(flat: np.ndarray, row_bytes: int) -> list[np.ndarray]:
+    """`flat` (a tensor's bytes) cut at row boundaries into pieces of at most
+    `TRANSFER_PIECE_BYTES` (one row if a row is larger)."""
+    step = max(1, TRANSFER_PIECE_BYTES // row_bytes) * row_bytes
+    return [flat[i : i + step] for i in range(0, flat.size, step)]
 
 
 @functools.cache
-def _device_split(cls: type[QTensor], shape: tuple[int, ...], n: int, stacked: bool):
-    def split(*raws):
+def _device_split(cls: type[QTensor], shape: tuple[int, ...], pieces: tuple[int, ...], stacked):
+    """The jitted join + split for tensors arriving as `pieces[i]` pieces each."""
+    n = len(pieces)
+
+    def split(*flat):
+        starts = np.cumsum((0, *pieces))
+        raws = [
+            flat[a] if b - a == 1 else jnp.concatenate(flat[a:b])
+            for a, b in zip(starts[:-1], starts[1:], strict=True)
+        ]
         b = jnp.stack(raws) if stacked else raws[0]
         lead = (n,) if stacked else ()
         blocks = b.reshape(*lead, *shape[:-1], shape[-1] // cls.block_size, cls.type_size)

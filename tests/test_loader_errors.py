@@ -115,12 +115,16 @@ def test_rewrite_roundtrip_loads(fixtures_dir, tmp_path):
     "name,file",
     [("e4b_tiny", "model.gguf"), ("moe_tiny", "model.gguf"), ("quant_small", "model-Q4_K_M.gguf")],
 )
-def test_device_repack_loads_identical_params(fixtures_dir, monkeypatch, name, file):
+@pytest.mark.parametrize("piece_bytes", [None, 4096])
+def test_device_repack_loads_identical_params(fixtures_dir, monkeypatch, name, file, piece_bytes):
     """The device-side block split (default on GPU hosts) and the host repack give the same
-    params, bit for bit."""
+    params, bit for bit; also with the transfers cut into many small pieces."""
     import jax
 
-    from gemma4_jax import load
+    from gemma4_jax import load, quant
+
+    if piece_bytes is not None:
+        monkeypatch.setattr(quant, "TRANSFER_PIECE_BYTES", piece_bytes)
 
     path = fixtures_dir / name / file
     if not path.exists():

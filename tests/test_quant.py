@@ -1,5 +1,6 @@
 """gemma4_jax.quant against gguf-py: bit-exact dequantization, pytree behaviour, matmul."""
 
+import concurrent.futures
 import dataclasses
 
 import gguf
@@ -229,15 +230,28 @@ def test_stack_then_slice(type_name):
     assert on_device.shape == (3, 4, 256)
 
 
+@pytest.mark.parametrize("pieces", ["whole", "pieces"])
 @pytest.mark.parametrize("type_name", TYPES)
-def test_device_repack_is_bit_identical(type_name):
+def test_device_repack_is_bit_identical(type_name, pieces, monkeypatch):
     """The loader's device-side block split (GPU hosts) gives the host repack's exact fields,
-    single and stacked."""
+    single and stacked, also when the bytes travel in pieces (3, 3 and 2 rows here) through a
+    thread pool."""
     shape = (8, 512)
     raws = [random_raw(type_name, shape, seed=s) for s in range(3)]
     host = [quant.from_gguf(r, type_name, shape) for r in raws]
-    one = quant.from_gguf_on_device(raws[:1], type_name, shape, stacked=False)
-    many = quant.from_gguf_on_device(raws, type_name, shape, stacked=True)
+    submit = None
+    if pieces == "pieces":
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+        row_bytes = shape[-1] // block * type_size
+        monkeypatch.setattr(quant, "TRANSFER_PIECE_BYTES", 3 * row_bytes + 1)
+        flat = np.asarray(raws[0]).reshape(-1).view(np.uint8)
+        assert [p.size for p in quant._row_pieces(flat, row_bytes)] == [3 * row_bytes] * 2 + [
+            2 * row_bytes
+        ]
+        pool = concurrent.futures.ThreadPoolExecutor(4)
+        submit = pool.submit
+    one = quant.from_gguf_on_device(raws[:1], type_name, shape, stacked=False, submit=submit)
+    many = quant.from_gguf_on_device(raws, type_name, shape, stacked=True, submit=submit)
     for got, want in ((one, host[0]), (many, quant.stack(host))):
         assert type(got) is type(want) and got.shape == want.shape
         for a, b in zip(got.arrays(), want.arrays(), strict=True):
