@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from . import quant
 from .config import Gemma4Config, config_from_gguf, rope_inv_freq
 from .errors import GGUFError
+from .file_transfer import FileTransfers
 from .gguf_file import GGUFFile, read_gguf
 from .params import Params, TensorDecl, global_decls, segment_layer_decls
 
@@ -67,9 +69,9 @@ class _TensorSource:
             )
         return t
 
-    def on_device(self, names: list[str], decl: TensorDecl, *, stacked: bool, submit=None):
+    def on_device(self, names: list[str], decl: TensorDecl, *, stacked: bool, transfer=None):
         """Matrices `names` (one type, declared shape) repacked on the device, stacked if
-        `stacked`; `submit` runs the transfers (see `quant.from_gguf_on_device`)."""
+        `stacked`; `transfer` moves the bytes (see `quant.from_gguf_on_device`)."""
         ts = [self.checked(n, decl) for n in names]
         kinds = {t.tensor_type.name for t in ts}
         if len(kinds) > 1:  # the layer plan groups layers by storage type: a mismatch is a bug
@@ -81,7 +83,7 @@ class _TensorSource:
                 decl.shape,
                 stacked=stacked,
                 name=names[0],
-                submit=submit,
+                transfer=transfer,
             )
         except quant.UnsupportedTensorType as e:
             raise GGUFError(f"{self.path}: tensor {names[0]!r}: {e}") from e
@@ -161,15 +163,15 @@ def load(
     # Without a mesh each tensor goes to the device as soon as it is built (host copies die
     # young); with a mesh, `place` shards the whole tree at the end. On an accelerator the
     # matrices skip the host repack: their file bytes go over as they are and the device splits
-    # the blocks (`quant.from_gguf_on_device`), their bytes cut into pieces that a second pool
-    # transfers side by side (a 3 GB table no longer rides one thread).
+    # the blocks (`quant.from_gguf_on_device`); the bytes travel in pieces read from the file
+    # by a second pool (`file_transfer.FileTransfers`: no page faults, a 3 GB table spread
+    # over all its threads).
     to_device = (lambda x: x) if mesh is not None else (lambda x: jax.tree.map(jax.device_put, x))
     device_repack = mesh is None and _device_repack()
-    parallel_transfers = os.environ.get("GEMMA4_JAX_PARALLEL_TRANSFERS", "1").strip() != "0"
 
     def build_global(decl):
         if device_repack and decl.matrix:
-            out = src.on_device([decl.gguf_name], decl, stacked=False, submit=transfers)
+            out = src.on_device([decl.gguf_name], decl, stacked=False, transfer=transfer)
         else:
             out = to_device(src.get(decl.gguf_name, decl))
         bar.update(1)
@@ -178,7 +180,7 @@ def load(
     def build_stacked(seg, slot, name, decl):
         names = [decl.gguf_name.format(i=seg.layer_index(p, slot)) for p in range(seg.n_periods)]
         if device_repack and decl.matrix and all(src.has(n) for n in names):
-            out = src.on_device(names, decl, stacked=True, submit=transfers)
+            out = src.on_device(names, decl, stacked=True, transfer=transfer)
             bar.update(len(names))
             return out
         per_period = []
@@ -189,14 +191,8 @@ def load(
         return to_device(stacked)
 
     workers = max(1, min(16, os.cpu_count() or 1))
-    pools = (
-        concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gemma4-load"),
-        concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gemma4-h2d"),
-    )
-    with pools[0] as pool, pools[1] as transfer_pool:
-        # GEMMA4_JAX_PARALLEL_TRANSFERS=0: each tensor one transfer on its loader thread (the
-        # old way, kept for A/B runs).
-        transfers = transfer_pool.submit if parallel_transfers else None
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gemma4-load")
+    with pool, _file_transfers(reader, workers) as transfer:
         g_futs = {name: pool.submit(build_global, decl) for name, decl in todo}
         s_futs = [
             [
@@ -235,6 +231,20 @@ def load(
     return Model(
         path=path, params=params, tokenizer=tokenizer, metadata=meta, tensor_types=dict(src.types)
     )
+
+
+@contextlib.contextmanager
+def _file_transfers(reader: GGUFFile, workers: int):
+    """`FileTransfers` over the reader's file, or None (each tensor one `device_put` on its
+    loader thread) where GEMMA4_JAX_FILE_TRANSFERS=0 (kept for A/B runs) or the file has no
+    tensors."""
+    if os.environ.get("GEMMA4_JAX_FILE_TRANSFERS", "1").strip() == "0" or not reader.tensors:
+        yield None
+        return
+    t = reader.tensors[0]
+    base = t.data.__array_interface__["data"][0] - t.data_offset
+    with FileTransfers(reader.path, base, reader.path.stat().st_size, workers) as transfers:
+        yield transfers
 
 
 def _tokenizer(path: Path, fields: dict):

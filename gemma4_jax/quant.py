@@ -518,7 +518,7 @@ def from_gguf_on_device(
     *,
     stacked: bool,
     name: str | None = None,
-    submit: Callable[..., concurrent.futures.Future] | None = None,
+    transfer: Callable[[np.ndarray], concurrent.futures.Future] | None = None,
 ) -> QTensor:
     """`from_gguf` with the block split done on the default device.
 
@@ -529,11 +529,11 @@ def from_gguf_on_device(
     the host path, so the fields are bit-identical. Why: on a GPU host the numpy repack ran at
     ~0.75 GB/s per thread and dominated load time; the device does it at memory bandwidth.
 
-    With `submit` (an executor's `submit`), the bytes travel in whole-row pieces of at most
-    `TRANSFER_PIECE_BYTES`, each a `jax.device_put` run by `submit`; without it, each tensor
-    is one `device_put` here. Why pieces: one `device_put` is one thread's copy into pinned
-    staging memory, so the largest tensor (E4B's 3 GB per-layer embedding table, or a
-    42-layer stack) set the load time on its own.
+    With `transfer` (numpy piece -> future of the device array; the loader's is
+    `file_transfer.FileTransfers`), the bytes travel in whole-row pieces of at most
+    `TRANSFER_PIECE_BYTES`, all in flight at once; without it, each tensor is one
+    `jax.device_put` here. Why pieces: they spread one tensor (E4B's 3 GB per-layer embedding
+    table, or a 42-layer stack) over the transfer threads.
     """
     cls = _lookup(ggml_type, name)
     shape = tuple(int(s) for s in shape)
@@ -544,12 +544,12 @@ def from_gguf_on_device(
     if not stacked and len(raws) != 1:
         raise ValueError("stacked=False takes exactly one tensor")
     row_bytes = shape[-1] // cls.block_size * cls.type_size
-    if submit is None:
+    if transfer is None:
         pieces = [[r] for r in raws]
         on_device = [jax.device_put(r) for r in raws]
     else:
         pieces = [_row_pieces(r, row_bytes) for r in raws]
-        futures = [submit(jax.device_put, piece) for ps in pieces for piece in ps]
+        futures = [transfer(piece) for ps in pieces for piece in ps]
         on_device = [f.result() for f in futures]
     split = _device_split(cls, shape, tuple(len(ps) for ps in pieces), stacked)
     return cls(*split(*on_device))

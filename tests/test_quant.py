@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import dataclasses
+import functools
 
 import gguf
 import jax
@@ -239,7 +240,7 @@ def test_device_repack_is_bit_identical(type_name, pieces, monkeypatch):
     shape = (8, 512)
     raws = [random_raw(type_name, shape, seed=s) for s in range(3)]
     host = [quant.from_gguf(r, type_name, shape) for r in raws]
-    submit = None
+    transfer = None
     if pieces == "pieces":
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
         row_bytes = shape[-1] // block * type_size
@@ -249,9 +250,9 @@ def test_device_repack_is_bit_identical(type_name, pieces, monkeypatch):
             2 * row_bytes
         ]
         pool = concurrent.futures.ThreadPoolExecutor(4)
-        submit = pool.submit
-    one = quant.from_gguf_on_device(raws[:1], type_name, shape, stacked=False, submit=submit)
-    many = quant.from_gguf_on_device(raws, type_name, shape, stacked=True, submit=submit)
+        transfer = functools.partial(pool.submit, jax.device_put)
+    one = quant.from_gguf_on_device(raws[:1], type_name, shape, stacked=False, transfer=transfer)
+    many = quant.from_gguf_on_device(raws, type_name, shape, stacked=True, transfer=transfer)
     for got, want in ((one, host[0]), (many, quant.stack(host))):
         assert type(got) is type(want) and got.shape == want.shape
         for a, b in zip(got.arrays(), want.arrays(), strict=True):

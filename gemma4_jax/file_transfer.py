@@ -1,0 +1,87 @@
+"""Moving pieces of a memory-mapped file to the device, fast, from many threads.
+
+The loader's tensors are views of one `np.memmap` of the GGUF file. Handing such a view to
+`jax.device_put` is correct but slow in a fresh process: the runtime copies it into pinned
+staging memory on its own threads, and the first touch of every mapped 4 KiB page is a page
+fault. Measured on the H100 host (benchmarks/transfer_probe.py, RESULTS.md run v): 8 GB of
+views reached the device at 2.1-2.9 GB/s whatever the number of calling threads; the same
+bytes, once their pages were mapped, at 26 GB/s.
+
+`FileTransfers` reads each piece with `os.preadv` (the kernel copies from the page cache, no
+faults) into a buffer owned by the calling thread and reused, then `device_put`s that buffer.
+`device_put` may read the host buffer after it returns (JAX passes numpy memory without a
+copy where it can), so each thread waits for its transfer before reusing the buffer; on the
+CPU backend the device array may alias host memory for good, so there every piece gets a
+fresh buffer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from .errors import GGUFError
+
+
+class FileTransfers:
+    """`transfers(view)` -> a future of `view` on the default device, where `view` is a
+    contiguous numpy view of `mmap_base` (the first byte of the file's mapping) inside `path`.
+    Views that are not (copies, other arrays) go to `jax.device_put` as they are.
+
+    Use as a context manager: it owns its thread pool and file descriptor.
+    """
+
+    def __init__(self, path: str | os.PathLike, mmap_base: int, size: int, workers: int):
+        self.path, self.base, self.size = Path(path), mmap_base, size
+        self.reuse_buffers = jax.default_backend() != "cpu"
+        self._local = threading.local()
+        self._fd = os.open(self.path, os.O_RDONLY) if hasattr(os, "preadv") else None
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="g4-h2d")
+
+    def __enter__(self) -> FileTransfers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+        if self._fd is not None:
+            os.close(self._fd)
+
+    def __call__(self, view: np.ndarray) -> concurrent.futures.Future:
+        return self._pool.submit(self._send, view)
+
+    def _offset(self, view: np.ndarray) -> int | None:
+        """`view`'s byte offset in the file, or None if it is not a contiguous view of it."""
+        if self._fd is None or not view.flags.c_contiguous:
+            return None
+        offset = view.__array_interface__["data"][0] - self.base
+        return offset if 0 <= offset and offset + view.nbytes <= self.size else None
+
+    def _send(self, view: np.ndarray) -> jax.Array:
+        offset = self._offset(view)
+        if offset is None:
+            return jax.device_put(view)
+        n = view.nbytes
+        buf = self._buffer(n)
+        got, mem = 0, memoryview(buf)
+        while got < n:
+            k = os.preadv(self._fd, [mem[got:n]], offset + got)
+            if k <= 0:
+                raise GGUFError(f"{self.path}: truncated: no bytes at offset {offset + got}")
+            got += k
+        out = jax.device_put(buf[:n].view(view.dtype).reshape(view.shape))
+        if self.reuse_buffers:
+            out.block_until_ready()  # the runtime may still read `buf`
+        return out
+
+    def _buffer(self, n: int) -> np.ndarray:
+        if not self.reuse_buffers:
+            return np.empty(n, np.uint8)
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.size < n:  # pages are touched only as far as pieces reach
+            buf = self._local.buf = np.empty(max(n, 64 << 20), np.uint8)
+        return buf
