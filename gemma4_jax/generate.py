@@ -25,6 +25,7 @@ import numpy as np
 from . import ops, sharding
 from .config import Gemma4Config, segments
 from .errors import InputError
+from .executable_cache import CachedProgram
 from .model import embed, lm_head, run_cached, run_sequence
 from .params import Params
 from .sampling import Greedy, chosen_logprobs
@@ -132,25 +133,29 @@ _PROGRAMS: dict[str, Any] = {}
 
 
 def _program(name: str):
-    """Jitted programs, built on first use (the donation choice needs the backend)."""
+    """Jitted programs, built on first use (the donation choice needs the backend). Those a
+    `generate` call runs go through `executable_cache.CachedProgram`: with JAX's persistent
+    cache configured, a new process loads them compiled instead of tracing and lowering them
+    again (the per-step `decode_step` stays a plain jit: its call must stay cheap)."""
     if name not in _PROGRAMS:
         if name == "prefill":
             f = lambda params, tokens, lengths, cache, kernels: _with_kernels(
                 kernels, _prefill_impl, params, tokens, lengths, cache
             )
-            _PROGRAMS[name] = _jit(f, static=("kernels",), donate=("cache",))
+            _PROGRAMS[name] = CachedProgram(name, _jit(f, static=("kernels",), donate=("cache",)))
         elif name == "decode_step":
             f = lambda params, token, cache, pos, kernels: _with_kernels(
                 kernels, _decode_impl, params, token, cache, pos
             )
             _PROGRAMS[name] = _jit(f, static=("kernels",), donate=("cache",))
         elif name == "first_token":
-            _PROGRAMS[name] = _jit(
-                _first_token_entry, static=("sampler", "pad_id"), donate=("state",)
+            _PROGRAMS[name] = CachedProgram(
+                name, _jit(_first_token_entry, static=("sampler", "pad_id"), donate=("state",))
             )
         elif name == "decode_loop":
-            _PROGRAMS[name] = _jit(
-                _decode_loop_entry, static=("kernels", "sampler", "n_steps"), donate=("state",)
+            static = ("kernels", "sampler", "n_steps")
+            _PROGRAMS[name] = CachedProgram(
+                name, _jit(_decode_loop_entry, static=static, donate=("state",))
             )
     return _PROGRAMS[name]
 

@@ -5,6 +5,11 @@ from pathlib import Path
 
 import pytest
 
+# The executable cache (gemma4_jax/executable_cache.py) keys programs by sources, arguments and
+# settings, not by module globals, which tests patch: off for the suite (its own test turns it
+# on in subprocesses).
+os.environ.setdefault("GEMMA4_JAX_EXECUTABLE_CACHE", "0")
+
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:

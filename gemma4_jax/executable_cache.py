@@ -1,0 +1,144 @@
+"""Compiled programs kept on disk beside JAX's persistent compilation cache, so that a warm
+process skips tracing and lowering as well as compiling.
+
+JAX's persistent cache is keyed by the lowered module: every new process still traces the model
+and lowers it (Pallas kernels to Triton included) before it can look the executable up. For
+E4B's prefill on the H100 host that is ~1.5-2 s, most of a warm first token (RESULTS.md run v).
+This cache keys a serialized executable (`jax.experimental.serialize_executable`) by what
+determines the program instead:
+
+- the program's name and static arguments;
+- the arguments' tree structure (the model config is part of it), shapes, dtypes, shardings;
+- a hash of the source files of `gemma4_jax` and `pallas_kernels`;
+- jax and jaxlib versions, the backend and its devices, XLA_FLAGS, every GEMMA4_JAX_* variable
+  and JAX's configuration values.
+
+Anything the key does not see must not change the program: module globals patched at run time
+(tests do that) are such a thing, which is why the test suite turns this cache off. It is on
+only where JAX's persistent cache is configured (a local directory; the entries live in its
+`gemma4_jax_executables/` subdirectory), and GEMMA4_JAX_EXECUTABLE_CACHE=0 turns it off.
+Whatever fails (an unreadable entry, a program that cannot be serialized) falls back to the
+plain jitted call.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+
+ENV = "GEMMA4_JAX_EXECUTABLE_CACHE"
+SUBDIR = "gemma4_jax_executables"
+STATS: dict[str, int] = {"hits": 0, "misses": 0, "bypassed": 0}
+
+
+def cache_dir() -> Path | None:
+    """Where entries go, or None when the cache is off."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return None
+    base = jax.config.jax_compilation_cache_dir
+    if not base or "://" in str(base):
+        return None
+    return Path(base) / SUBDIR
+
+
+class CachedProgram:
+    """A jitted function called through compiled executables kept per argument signature, in
+    memory and (see the module docstring) on disk. Static arguments are passed by keyword."""
+
+    def __init__(self, name: str, jitted):
+        self.name, self.jitted = name, jitted
+        self._compiled: dict[Any, Any] = {}
+
+    def __call__(self, *args, **static):
+        where = cache_dir()
+        sig = _signature(args, static) if where is not None else None
+        if sig is None:
+            STATS["bypassed"] += 1
+            return self.jitted(*args, **static)
+        sig = (sig, _environment())
+        compiled = self._compiled.get(sig)
+        if compiled is None:
+            compiled = self._compiled[sig] = self._load_or_compile(where, sig, args, static)
+        return compiled(*args)
+
+    def _load_or_compile(self, where: Path, sig, args, static):
+        key = hashlib.sha256(repr((self.name, sig)).encode()).hexdigest()[:32]
+        path = where / f"{self.name}-{key}.bin"
+        if path.exists():
+            try:
+                blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+                from jax.experimental import serialize_executable
+
+                compiled = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+                STATS["hits"] += 1
+                return compiled
+            except Exception as e:  # a damaged or foreign entry: rebuild it
+                msg = f"executable cache entry {path} unusable ({e}); recompiling"
+                warnings.warn(msg, stacklevel=3)
+        STATS["misses"] += 1
+        compiled = self.jitted.lower(*args, **static).compile()
+        try:
+            from jax.experimental import serialize_executable
+
+            entry = pickle.dumps(serialize_executable.serialize(compiled))
+            where.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=where, delete=False, suffix=".tmp") as f:
+                f.write(entry)
+            os.replace(f.name, path)  # atomic: a reader never sees half an entry
+        except Exception as e:  # not serializable here: the in-memory entry still serves
+            warnings.warn(f"executable cache: cannot store {self.name} ({e})", stacklevel=3)
+        return compiled
+
+
+def _signature(args, static) -> tuple | None:
+    """A hashable description of the call, or None if an argument is not a jax.Array (the
+    plain jitted call handles those)."""
+    leaves, treedef = jax.tree.flatten(args)
+    avals = []
+    for x in leaves:
+        if not isinstance(x, jax.Array):
+            return None
+        avals.append((x.shape, str(x.dtype), x.aval.weak_type, repr(x.sharding), x.committed))
+    return (str(treedef), tuple(avals), tuple(sorted((k, repr(v)) for k, v in static.items())))
+
+
+def _environment() -> tuple:
+    """What, besides the call, decides the compiled program. Variables and JAX's settings are
+    read on every call (tests and users change them at run time); the sources once."""
+    return (
+        _sources_and_platform(),
+        os.environ.get("XLA_FLAGS", ""),
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("GEMMA4_JAX_"))),
+        tuple(sorted((k, repr(v)) for k, v in jax.config.values.items())),
+    )
+
+
+@functools.cache
+def _sources_and_platform() -> tuple:
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for package in ("gemma4_jax", "pallas_kernels"):
+        for f in sorted((root / package).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    import jaxlib
+
+    devices = jax.devices()
+    return (
+        h.hexdigest(),
+        jax.__version__,
+        jaxlib.__version__,
+        sys.version,
+        jax.default_backend(),
+        getattr(devices[0].client, "platform_version", ""),
+        tuple((d.id, d.device_kind) for d in devices),
+    )

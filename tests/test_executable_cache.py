@@ -1,0 +1,73 @@
+"""The executable cache: a second process runs `generate` without tracing, with the same
+tokens; the key follows GEMMA4_JAX_* settings; a damaged entry is rebuilt."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_SCRIPT = """
+import json, sys
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+import gemma4_jax as g4
+from gemma4_jax import executable_cache
+gen = sys.modules["gemma4_jax.generate"]
+model = g4.load(sys.argv[1])
+out = g4.generate(model.params, [[5, 9, 17, 33, 65]], max_new_tokens=6, stop_tokens=())
+print("RESULT " + json.dumps({
+    "tokens": [int(t) for t in out.tokens[0]],
+    "logprobs": [float(x) for x in out.logprobs[0]],
+    "traces": dict(gen.TRACE_COUNTS),
+    "stats": executable_cache.STATS,
+}))
+"""
+
+
+def _run(fixtures_dir, cache, **env):
+    path = fixtures_dir / "e4b_tiny" / "model.gguf"
+    if not path.exists():
+        pytest.skip("fixture e4b_tiny not present")
+    environ = {**os.environ, "GEMMA4_JAX_EXECUTABLE_CACHE": "1", **env}
+    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), environ.get("PYTHONPATH", "")])
+    p = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(path), str(cache)],
+        env=environ, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, p.stdout[-2000:] + p.stderr[-3000:]
+    return json.loads(line[7:]), p.stderr
+
+
+def test_second_process_skips_tracing(fixtures_dir, tmp_path):
+    cold, _ = _run(fixtures_dir, tmp_path)
+    assert cold["stats"]["misses"] >= 2 and cold["stats"]["hits"] == 0
+    assert cold["traces"].get("prefill") == 1
+    entries = sorted((tmp_path / "gemma4_jax_executables").glob("*.bin"))
+    assert len(entries) == cold["stats"]["misses"]
+
+    warm, _ = _run(fixtures_dir, tmp_path)
+    assert warm["stats"]["hits"] == cold["stats"]["misses"] and warm["stats"]["misses"] == 0
+    assert warm["traces"] == {}  # nothing traced: every program came from the cache
+    assert warm["tokens"] == cold["tokens"] and warm["logprobs"] == cold["logprobs"]
+
+    off, _ = _run(fixtures_dir, tmp_path, GEMMA4_JAX_EXECUTABLE_CACHE="0")
+    assert off["stats"]["hits"] == 0 and off["stats"]["bypassed"] >= 2
+    assert off["tokens"] == cold["tokens"]
+
+    # A setting the programs may read at trace time is part of the key.
+    other, _ = _run(fixtures_dir, tmp_path, GEMMA4_JAX_KERNELS="reference")
+    assert other["stats"]["misses"] >= 2 and other["traces"].get("prefill") == 1
+
+    # A damaged entry is reported and rebuilt, and the answer does not change.
+    for e in entries:
+        e.write_bytes(b"not an executable")
+    again, err = _run(fixtures_dir, tmp_path)
+    assert "unusable" in err and again["stats"]["misses"] == cold["stats"]["misses"]
+    assert again["tokens"] == cold["tokens"]
