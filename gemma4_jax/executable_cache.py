@@ -29,6 +29,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class CachedProgram:
     def __init__(self, name: str, jitted):
         self.name, self.jitted = name, jitted
         self._compiled: dict[Any, Any] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, *args, **static):
         where = cache_dir()
@@ -67,7 +69,11 @@ class CachedProgram:
         sig = (sig, _environment())
         compiled = self._compiled.get(sig)
         if compiled is None:
-            compiled = self._compiled[sig] = self._load_or_compile(where, sig, args, static)
+            with self._lock:  # the loader's threads share programs: build each once
+                compiled = self._compiled.get(sig)
+                if compiled is None:
+                    compiled = self._load_or_compile(where, sig, args, static)
+                    self._compiled[sig] = compiled
         return compiled(*args)
 
     def _load_or_compile(self, where: Path, sig, args, static):

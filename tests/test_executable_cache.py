@@ -1,5 +1,5 @@
-"""The executable cache: a second process runs `generate` without tracing, with the same
-tokens; the key follows GEMMA4_JAX_* settings; a damaged entry is rebuilt."""
+"""The executable cache: a second process loads a model and runs `generate` without tracing,
+with the same tokens; the key follows GEMMA4_JAX_* settings; a damaged entry is rebuilt."""
 
 import json
 import os
@@ -31,10 +31,13 @@ print("RESULT " + json.dumps({
 
 
 def _run(fixtures_dir, cache, **env):
-    path = fixtures_dir / "e4b_tiny" / "model.gguf"
+    path = fixtures_dir / "quant_small" / "model-Q4_K_M.gguf"  # Q4_K and Q6_K blocks
     if not path.exists():
-        pytest.skip("fixture e4b_tiny not present")
-    environ = {**os.environ, "GEMMA4_JAX_EXECUTABLE_CACHE": "1", **env}
+        pytest.skip("fixture quant_small/model-Q4_K_M.gguf not present")
+    # Device repack on: the loader's block-split programs go through the cache too.
+    environ = {
+        **os.environ, "GEMMA4_JAX_EXECUTABLE_CACHE": "1", "GEMMA4_JAX_DEVICE_REPACK": "1", **env
+    }  # fmt: skip
     environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), environ.get("PYTHONPATH", "")])
     p = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(path), str(cache)],
@@ -51,6 +54,7 @@ def test_second_process_skips_tracing(fixtures_dir, tmp_path):
     assert cold["traces"].get("prefill") == 1
     entries = sorted((tmp_path / "gemma4_jax_executables").glob("*.bin"))
     assert len(entries) == cold["stats"]["misses"]
+    assert any(e.name.startswith("split_Q4_K") for e in entries)  # the loader's programs
 
     warm, _ = _run(fixtures_dir, tmp_path)
     assert warm["stats"]["hits"] == cold["stats"]["misses"] and warm["stats"]["misses"] == 0
