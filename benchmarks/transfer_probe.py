@@ -17,7 +17,8 @@ the device, blocking until all are there:
   serial      pieces, one thread
   pread       pieces through `gemma4_jax.file_transfer.FileTransfers` (the loader's way since
               run v: `os.preadv` into a reused per-thread buffer, then `device_put`); also
-              checks that every piece arrived intact
+              checks that every piece arrived intact; its buffers registered with the runtime
+              (`dma_map`), or not (`pread_nodma`)
 
 Also reads every byte once through the memmap (sum on 16 threads) for the page-cache rate.
 """
@@ -34,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PIECE = 64 << 20
-VARIANTS = ("tensor", "pieces", "touched", "pinned", "serial", "pread")
+VARIANTS = ("tensor", "pieces", "touched", "pinned", "serial", "pread", "pread_nodma")
 
 
 def _pieces(arrs, piece=PIECE):
@@ -83,7 +84,7 @@ def child(path: str, variant: str, threads: int) -> dict:
             return jax.device_put(jax.device_put(piece, pinned), dev)
 
         items = _pieces(arrs)
-    elif variant == "pread":
+    elif variant in ("pread", "pread_nodma"):
         from gemma4_jax.file_transfer import FileTransfers
 
         items = _pieces(arrs)
@@ -93,8 +94,10 @@ def child(path: str, variant: str, threads: int) -> dict:
         raise SystemExit(f"unknown variant {variant}")
     for p in (1, 2):
         t = time.perf_counter()
-        if variant == "pread":
-            with FileTransfers(path, base, Path(path).stat().st_size, threads) as transfers:
+        if variant.startswith("pread"):
+            size = Path(path).stat().st_size
+            dma = variant == "pread"
+            with FileTransfers(path, base, size, threads, dma_map=dma) as transfers:
                 res = [fut.result() for fut in [transfers(x) for x in items]]
         else:
             with cf.ThreadPoolExecutor(threads) as pool:
@@ -103,7 +106,7 @@ def child(path: str, variant: str, threads: int) -> dict:
         dt = time.perf_counter() - t
         out[f"pass{p}_s"] = dt
         out[f"pass{p}_gb_s"] = gb / dt
-        if variant == "pread" and p == 2:
+        if variant.startswith("pread") and p == 2:
             out["intact"] = all(
                 np.array_equal(np.asarray(r), x) for r, x in zip(res, items, strict=True)
             )

@@ -236,14 +236,18 @@ def load(
 @contextlib.contextmanager
 def _file_transfers(reader: GGUFFile, workers: int):
     """`FileTransfers` over the reader's file, or None (each tensor one `device_put` on its
-    loader thread) where GEMMA4_JAX_FILE_TRANSFERS=0 (kept for A/B runs) or the file has no
-    tensors."""
-    if os.environ.get("GEMMA4_JAX_FILE_TRANSFERS", "1").strip() == "0" or not reader.tensors:
+    loader thread) where the file has no tensors. For A/B runs, GEMMA4_JAX_FILE_TRANSFERS=0
+    gives None too, and =nodma transfers without registering the buffers."""
+    mode = os.environ.get("GEMMA4_JAX_FILE_TRANSFERS", "1").strip().lower()
+    if mode not in ("0", "1", "nodma"):
+        raise ValueError(f"GEMMA4_JAX_FILE_TRANSFERS={mode!r}: use 1, 0 or nodma")
+    if mode == "0" or not reader.tensors:
         yield None
         return
     t = reader.tensors[0]
     base = t.data.__array_interface__["data"][0] - t.data_offset
-    with FileTransfers(reader.path, base, reader.path.stat().st_size, workers) as transfers:
+    size = reader.path.stat().st_size
+    with FileTransfers(reader.path, base, size, workers, dma_map=mode == "1") as transfers:
         yield transfers
 
 

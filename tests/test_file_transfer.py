@@ -14,11 +14,11 @@ def _mapped(tmp_path, n=3 << 20):
     return path, np.memmap(path, mode="r"), data
 
 
-@pytest.mark.parametrize("reuse", [False, True])
-def test_views_arrive_intact(tmp_path, reuse):
+@pytest.mark.parametrize("reuse,dma", [(False, False), (True, False), (True, True)])
+def test_views_arrive_intact(tmp_path, reuse, dma):
     """Views of the map (odd offsets and sizes, other dtypes, several per thread) and arrays
     that are not views all arrive equal to the file's bytes; with `reuse`, each thread's buffer
-    is reused (safe because it waits for each transfer)."""
+    is reused (safe because it waits for each transfer), registered with `dma_map` if `dma`."""
     import jax
 
     path, mm, data = _mapped(tmp_path)
@@ -27,12 +27,13 @@ def test_views_arrive_intact(tmp_path, reuse):
     views = [mm[a:b] for a, b in cuts] * 3
     views.append(mm[8 : 8 + 4096].view(np.float32).reshape(16, 64))  # another dtype and shape
     views.append(np.array(mm[100:200]))  # a copy, not a view: sent as it is
-    with FileTransfers(path, base, data.size, workers=4) as transfers:
+    with FileTransfers(path, base, data.size, workers=4, dma_map=dma) as transfers:
         if reuse and jax.default_backend() == "cpu":
             pytest.skip("the CPU backend may alias host buffers: FileTransfers never reuses there")
         transfers.reuse_buffers = reuse
         futures = [transfers(v) for v in views]
         got = [np.asarray(f.result()) for f in futures]
+        assert transfers.dma_map == dma  # registration worked where asked for
     for v, g in zip(views, got, strict=True):
         assert g.dtype == v.dtype and g.shape == v.shape
         np.testing.assert_array_equal(g.view(np.uint8), np.asarray(v).view(np.uint8))
