@@ -39,6 +39,9 @@ import jax
 ENV = "GEMMA4_JAX_EXECUTABLE_CACHE"
 SUBDIR = "gemma4_jax_executables"
 STATS: dict[str, int] = {"hits": 0, "misses": 0, "bypassed": 0}
+_COMPILED: dict[Any, Any] = {}  # (name, call signature, environment) -> compiled program
+_LOCKS: dict[Any, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path | None:
@@ -57,8 +60,6 @@ class CachedProgram:
 
     def __init__(self, name: str, jitted):
         self.name, self.jitted = name, jitted
-        self._compiled: dict[Any, Any] = {}
-        self._lock = threading.Lock()
 
     def __call__(self, *args, **static):
         where = cache_dir()
@@ -66,18 +67,21 @@ class CachedProgram:
         if sig is None:
             STATS["bypassed"] += 1
             return self.jitted(*args, **static)
-        sig = (sig, _environment())
-        compiled = self._compiled.get(sig)
+        sig = (self.name, sig, _environment())
+        compiled = _COMPILED.get(sig)
         if compiled is None:
-            with self._lock:  # the loader's threads share programs: build each once
-                compiled = self._compiled.get(sig)
+            # The loader's threads share programs (and may race to build two equal
+            # CachedPrograms): one build per program and signature, process-wide.
+            with _LOCKS_LOCK:
+                lock = _LOCKS.setdefault(sig, threading.Lock())
+            with lock:
+                compiled = _COMPILED.get(sig)
                 if compiled is None:
-                    compiled = self._load_or_compile(where, sig, args, static)
-                    self._compiled[sig] = compiled
+                    compiled = _COMPILED[sig] = self._load_or_compile(where, sig, args, static)
         return compiled(*args)
 
     def _load_or_compile(self, where: Path, sig, args, static):
-        key = hashlib.sha256(repr((self.name, sig)).encode()).hexdigest()[:32]
+        key = hashlib.sha256(repr(sig).encode()).hexdigest()[:32]
         path = where / f"{self.name}-{key}.bin"
         if path.exists():
             try:
