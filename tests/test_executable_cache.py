@@ -34,10 +34,15 @@ def _run(fixtures_dir, cache, **env):
     path = fixtures_dir / "quant_small" / "model-Q4_K_M.gguf"  # Q4_K and Q6_K blocks
     if not path.exists():
         pytest.skip("fixture quant_small/model-Q4_K_M.gguf not present")
-    # Device repack on: the loader's block-split programs go through the cache too.
+    # Device repack on: the loader's block-split programs go through the cache too. No GPU
+    # memory preallocation: the test process itself may hold most of it.
     environ = {
-        **os.environ, "GEMMA4_JAX_EXECUTABLE_CACHE": "1", "GEMMA4_JAX_DEVICE_REPACK": "1", **env
-    }  # fmt: skip
+        **os.environ,
+        "GEMMA4_JAX_EXECUTABLE_CACHE": "1",
+        "GEMMA4_JAX_DEVICE_REPACK": "1",
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        **env,
+    }
     environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), environ.get("PYTHONPATH", "")])
     p = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(path), str(cache)],
