@@ -18,7 +18,8 @@ Anything the key does not see must not change the program: module globals patche
 only where JAX's persistent cache is configured (a local directory; the entries live in its
 `gemma4_jax_executables/` subdirectory), and GEMMA4_JAX_EXECUTABLE_CACHE=0 turns it off.
 Whatever fails (an unreadable entry, a program that cannot be serialized) falls back to the
-plain jitted call.
+plain jitted call. Entries are pickles, like JAX's own serialized executables: keep the cache
+directory as private as any other code you run.
 """
 
 from __future__ import annotations
@@ -110,12 +111,13 @@ class CachedProgram:
 
 
 def _signature(args, static) -> tuple | None:
-    """A hashable description of the call, or None if an argument is not a jax.Array (the
-    plain jitted call handles those)."""
+    """A hashable description of the call, or None if an argument is not a concrete jax.Array
+    (numpy, Python scalars, or tracers when the caller is itself being traced: the plain jitted
+    call handles those)."""
     leaves, treedef = jax.tree.flatten(args)
     avals = []
     for x in leaves:
-        if not isinstance(x, jax.Array):
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
             return None
         # Objects, not strings, in the in-memory key (their repr, used for the file name, is
         # deterministic): building reprs per leaf cost ~4 us each on every call.

@@ -80,3 +80,20 @@ def test_second_process_skips_tracing(fixtures_dir, tmp_path):
     again, err = _run(fixtures_dir, tmp_path)
     assert "unusable" in err and again["stats"]["misses"] == cold["stats"]["misses"]
     assert again["tokens"] == cold["tokens"]
+
+
+def test_signature_leaves_traced_and_host_arguments_to_jit():
+    """Inside someone else's jit the arguments are tracers, and numpy inputs have no device
+    placement: both go to the plain jitted call (None), concrete arrays get a signature."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gemma4_jax.executable_cache import _signature
+
+    x = jnp.ones((2, 3))
+    assert _signature((x, {"a": x}), {"k": 1}) is not None
+    assert _signature((np.ones(3),), {}) is None
+    seen = []
+    jax.jit(lambda y: seen.append(_signature((y,), {})) or y)(x)
+    assert seen == [None]
