@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import serialize_executable
 
 ENV = "GEMMA4_JAX_EXECUTABLE_CACHE"
 SUBDIR = "gemma4_jax_executables"
@@ -87,8 +88,6 @@ class CachedProgram:
         if path.exists():
             try:
                 blob, in_tree, out_tree = pickle.loads(path.read_bytes())
-                from jax.experimental import serialize_executable
-
                 compiled = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
                 STATS["hits"] += 1
                 return compiled
@@ -98,8 +97,6 @@ class CachedProgram:
         STATS["misses"] += 1
         compiled = self.jitted.lower(*args, **static).compile()
         try:
-            from jax.experimental import serialize_executable
-
             entry = pickle.dumps(serialize_executable.serialize(compiled))
             where.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=where, delete=False, suffix=".tmp") as f:

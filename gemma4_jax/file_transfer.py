@@ -60,6 +60,15 @@ class FileTransfers:
         self._fd = os.open(self.path, os.O_RDONLY) if hasattr(os, "preadv") else None
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="g4-h2d")
 
+    @classmethod
+    def for_gguf(cls, reader, workers: int, *, dma_map: bool = True) -> FileTransfers:
+        """Transfers of the tensors of `reader` (a `gguf_file.GGUFFile`, which has at least one
+        tensor): its tensors' data are views of one mapping of the whole file."""
+        t = reader.tensors[0]
+        base = t.data.__array_interface__["data"][0] - t.data_offset
+        size = reader.path.stat().st_size
+        return cls(reader.path, base, size, workers, dma_map=dma_map)
+
     def __enter__(self) -> FileTransfers:
         return self
 

@@ -192,7 +192,7 @@ def load(
 
     workers = max(1, min(16, os.cpu_count() or 1))
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gemma4-load")
-    with pool, _file_transfers(reader, workers) as transfer:
+    with pool, _file_transfers(reader, workers, device_repack) as transfer:
         g_futs = {name: pool.submit(build_global, decl) for name, decl in todo}
         s_futs = [
             [
@@ -234,20 +234,18 @@ def load(
 
 
 @contextlib.contextmanager
-def _file_transfers(reader: GGUFFile, workers: int):
+def _file_transfers(reader: GGUFFile, workers: int, device_repack: bool):
     """`FileTransfers` over the reader's file, or None (each tensor one `device_put` on its
-    loader thread) where the file has no tensors. For A/B runs, GEMMA4_JAX_FILE_TRANSFERS=0
-    gives None too, and =nodma transfers without registering the buffers."""
+    loader thread) where nothing goes to the device as raw bytes (no device repack, or no
+    tensors). For A/B runs, GEMMA4_JAX_FILE_TRANSFERS=0 gives None too, and =nodma transfers
+    without registering the buffers."""
     mode = os.environ.get("GEMMA4_JAX_FILE_TRANSFERS", "1").strip().lower()
     if mode not in ("0", "1", "nodma"):
         raise ValueError(f"GEMMA4_JAX_FILE_TRANSFERS={mode!r}: use 1, 0 or nodma")
-    if mode == "0" or not reader.tensors:
+    if mode == "0" or not device_repack or not reader.tensors:
         yield None
         return
-    t = reader.tensors[0]
-    base = t.data.__array_interface__["data"][0] - t.data_offset
-    size = reader.path.stat().st_size
-    with FileTransfers(reader.path, base, size, workers, dma_map=mode == "1") as transfers:
+    with FileTransfers.for_gguf(reader, workers, dma_map=mode == "1") as transfers:
         yield transfers
 
 

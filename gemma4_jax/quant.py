@@ -544,11 +544,11 @@ def from_gguf_on_device(
         raise GGUFError(f"{_what(name)}: {e}") from None
     if not stacked and len(raws) != 1:
         raise ValueError("stacked=False takes exactly one tensor")
-    row_bytes = shape[-1] // cls.block_size * cls.type_size
     if transfer is None:
         pieces = [[r] for r in raws]
         on_device = [jax.device_put(r) for r in raws]
     else:
+        row_bytes = shape[-1] // cls.block_size * cls.type_size
         pieces = [_row_pieces(r, row_bytes) for r in raws]
         futures = [transfer(piece) for ps in pieces for piece in ps]
         on_device = [f.result() for f in futures]
