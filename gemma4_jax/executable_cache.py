@@ -48,7 +48,10 @@ _LOCKS_LOCK = threading.Lock()
 
 def cache_dir() -> Path | None:
     """Where entries go, or None when the cache is off."""
-    if os.environ.get(ENV, "1").strip() == "0":
+    mode = os.environ.get(ENV, "1").strip()
+    if mode not in ("0", "1"):  # "false" must not silently mean on
+        raise ValueError(f"{ENV}={mode!r}: use 1 (on where JAX's cache is configured) or 0")
+    if mode == "0":
         return None
     base = jax.config.jax_compilation_cache_dir
     if not base or "://" in str(base):

@@ -97,3 +97,13 @@ def test_signature_leaves_traced_and_host_arguments_to_jit():
     seen = []
     jax.jit(lambda y: seen.append(_signature((y,), {})) or y)(x)
     assert seen == [None]
+
+
+def test_a_bad_switch_value_is_named(monkeypatch):
+    from gemma4_jax.executable_cache import cache_dir
+
+    monkeypatch.setenv("GEMMA4_JAX_EXECUTABLE_CACHE", "false")
+    with pytest.raises(ValueError, match="GEMMA4_JAX_EXECUTABLE_CACHE='false'"):
+        cache_dir()
+    monkeypatch.setenv("GEMMA4_JAX_EXECUTABLE_CACHE", "0")
+    assert cache_dir() is None
