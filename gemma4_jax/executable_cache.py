@@ -18,7 +18,13 @@ Anything the key does not see must not change the program: module globals patche
 only where JAX's persistent cache is configured (a local directory; the entries live in its
 `gemma4_jax_executables/` subdirectory), and GEMMA4_JAX_EXECUTABLE_CACHE=0 turns it off.
 Whatever fails (an unreadable entry, a program that cannot be serialized) falls back to the
-plain jitted call. Entries are pickles, like JAX's own serialized executables: keep the cache
+plain jitted call.
+
+An executable that JAX served from its own persistent cache is not stored on the CPU: XLA:CPU
+serializes such an executable without its compiled functions, and the next process to load it
+fails when it runs ("Function slice_bitcast_fusion not found"). It happens when our entries are
+missing and JAX's are not (the package's sources changed and the programs did not); the plain
+persistent cache then serves those programs as it did before this cache existed. Entries are pickles, like JAX's own serialized executables: keep the cache
 directory as private as any other code you run.
 """
 
@@ -40,7 +46,8 @@ from jax.experimental import serialize_executable
 
 ENV = "GEMMA4_JAX_EXECUTABLE_CACHE"
 SUBDIR = "gemma4_jax_executables"
-STATS: dict[str, int] = {"hits": 0, "misses": 0, "bypassed": 0}
+STATS: dict[str, int] = {"hits": 0, "misses": 0, "bypassed": 0, "not_stored": 0}
+_JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _COMPILED: dict[Any, Any] = {}  # (name, call signature, environment) -> compiled program
 _LOCKS: dict[Any, threading.Lock] = {}
 _LOCKS_LOCK = threading.Lock()
@@ -98,7 +105,11 @@ class CachedProgram:
                 msg = f"executable cache entry {path} unusable ({e}); recompiling"
                 warnings.warn(msg, stacklevel=3)
         STATS["misses"] += 1
+        hits_before = _jax_cache_hits()
         compiled = self.jitted.lower(*args, **static).compile()
+        if _jax_cache_hits() > hits_before and jax.default_backend() == "cpu":
+            STATS["not_stored"] += 1  # see the module docstring: it would not run
+            return compiled
         try:
             entry = pickle.dumps(serialize_executable.serialize(compiled))
             where.mkdir(parents=True, exist_ok=True)
@@ -108,6 +119,21 @@ class CachedProgram:
         except Exception as e:  # not serializable here: the in-memory entry still serves
             warnings.warn(f"executable cache: cannot store {self.name} ({e})", stacklevel=3)
         return compiled
+
+
+_THREAD = threading.local()  # JAX records cache hits in the thread that compiles
+
+
+def _count_jax_cache_hits(event: str, **_metadata) -> None:
+    if event == _JAX_CACHE_HIT:
+        _THREAD.jax_cache_hits = _jax_cache_hits() + 1
+
+
+def _jax_cache_hits() -> int:
+    return getattr(_THREAD, "jax_cache_hits", 0)
+
+
+jax.monitoring.register_event_listener(_count_jax_cache_hits)
 
 
 def _signature(args, static) -> tuple | None:

@@ -82,6 +82,27 @@ def test_second_process_skips_tracing(fixtures_dir, tmp_path):
     assert again["tokens"] == cold["tokens"]
 
 
+def test_entries_made_while_jax_cache_is_warm_run(fixtures_dir, tmp_path):
+    """Our entries are missing but JAX's persistent cache holds the programs (the package's
+    sources changed and the programs did not, or our directory was cleared). An executable
+    JAX loaded from its cache serializes without its code on the CPU ('Function ... not
+    found' when the next process runs it), so ours must be compiled afresh."""
+    import shutil
+
+    import jax
+
+    cold, _ = _run(fixtures_dir, tmp_path)
+    shutil.rmtree(tmp_path / "gemma4_jax_executables")
+    rebuilt, _ = _run(fixtures_dir, tmp_path)
+    assert rebuilt["stats"]["misses"] == cold["stats"]["misses"]
+    if jax.default_backend() == "cpu":  # served by JAX's cache: not stored (would not run)
+        assert rebuilt["stats"]["not_stored"] == rebuilt["stats"]["misses"]
+    again, _ = _run(fixtures_dir, tmp_path)
+    assert again["tokens"] == cold["tokens"] and again["logprobs"] == cold["logprobs"]
+    if jax.default_backend() != "cpu":  # re-serialized from JAX's cache, and it runs
+        assert again["stats"]["hits"] == cold["stats"]["misses"] and again["traces"] == {}
+
+
 def test_signature_leaves_traced_and_host_arguments_to_jit():
     """Inside someone else's jit the arguments are tracers, and numpy inputs have no device
     placement: both go to the plain jitted call (None), concrete arrays get a signature."""
