@@ -24,8 +24,10 @@ An executable that JAX served from its own persistent cache is not stored on the
 serializes such an executable without its compiled functions, and the next process to load it
 fails when it runs ("Function slice_bitcast_fusion not found"). It happens when our entries are
 missing and JAX's are not (the package's sources changed and the programs did not); the plain
-persistent cache then serves those programs as it did before this cache existed. Entries are pickles, like JAX's own serialized executables: keep the cache
-directory as private as any other code you run.
+persistent cache then serves those programs as it did before this cache existed.
+
+Entries are pickles, like JAX's own serialized executables: keep the cache directory as
+private as any other code you run.
 """
 
 from __future__ import annotations
