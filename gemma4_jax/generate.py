@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ops, sharding
+from . import inputs, ops, sharding
 from .config import Gemma4Config, segments
 from .errors import InputError
 from .executable_cache import CachedProgram
@@ -57,6 +58,13 @@ def cache_spec(config: Gemma4Config, batch: int, max_len: int, dtype) -> tuple:
 
 def init_cache(params: Params, batch: int, max_len: int) -> tuple:
     """An empty cache for `batch` rows and up to `max_len` positions."""
+    batch = inputs.positive_int(batch, "init_cache batch")
+    max_len = inputs.positive_int(max_len, "init_cache max_len")
+    if max_len > params.config.context_length:
+        raise InputError(
+            f"init_cache max_len={max_len} exceeds the model's context "
+            f"({params.config.context_length})"
+        )
     spec = cache_spec(params.config, batch, max_len, params.compute_dtype)
     mesh = sharding.params_mesh(params)
     if mesh is None:
@@ -64,6 +72,51 @@ def init_cache(params: Params, batch: int, max_len: int) -> tuple:
     # Params on a mesh: each device allocates only its shards of the cache.
     shardings = sharding.cache_shardings(params.config, spec, mesh)
     return jax.tree.map(lambda s, d: jnp.zeros(s.shape, s.dtype, device=d), spec, shardings)
+
+
+def check_cache(params: Params, cache) -> tuple[int, int]:
+    """(batch, max_len) of a cache laid out as `init_cache(params, batch, max_len)` lays it
+    out; an InputError naming the difference for anything else (another model's cache, or one
+    of another dtype)."""
+    c, dt = params.config, params.compute_dtype
+    if jax.tree.structure(cache) != _cache_treedef(c):
+        raise InputError(
+            f"the cache is laid out as {_cache_outline(cache)}, but init_cache(params, batch, "
+            f"max_len) makes {_cache_outline(cache_spec(c, 1, 1, dt))} (per scan segment: its "
+            f"layers' K/V slots, or None where the layers share K/V): was it made for another "
+            f"model?"
+        )
+    leaves = jax.tree.leaves(cache)
+    batch, max_len = leaves[0].shape[1], cache_max_len(params, cache)
+    for i, (a, want) in enumerate(zip(leaves, _cache_leaves(c, batch, max_len, dt), strict=True)):
+        if (a.shape, a.dtype) != want:
+            raise InputError(
+                f"cache array {i} is {a.dtype} {a.shape}, but init_cache(params, batch={batch}, "
+                f"max_len={max_len}) makes {want[1]} {want[0]}: was it made for another model "
+                f"or dtype?"
+            )
+    return batch, max_len
+
+
+@functools.cache
+def _cache_treedef(config: Gemma4Config):
+    return jax.tree.structure(cache_spec(config, 1, 1, jnp.float32))
+
+
+def _cache_outline(cache) -> str:
+    if not isinstance(cache, (tuple, list)):
+        return type(cache).__name__
+    parts = [
+        "None" if s is None else f"{len(s)} slots" if isinstance(s, (tuple, list)) else "?"
+        for s in cache
+    ]
+    return f"({', '.join(parts)})"
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_leaves(config: Gemma4Config, batch: int, max_len: int, dtype) -> tuple:
+    spec = cache_spec(config, batch, max_len, dtype)
+    return tuple((tuple(s.shape), np.dtype(s.dtype)) for s in jax.tree.leaves(spec))
 
 
 def cache_max_len(params: Params, cache) -> int:
@@ -166,14 +219,27 @@ def prefill(params: Params, tokens, cache, lengths=None):
     tokens: int [B, T] (right-padded; `lengths[B]` gives each row's prompt length, default T).
     Compiled once per (T, batch, cache shape): pad T to a bucket (see `bucket_length`).
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
+    tokens = inputs.token_array(params, tokens, ndim=2, what="prefill tokens")
     b, t = tokens.shape
-    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-    if t > cache_max_len(params, cache):
+    batch, max_len = check_cache(params, cache)
+    if b != batch:
+        raise InputError(f"prefill tokens have {b} rows, the cache {batch}")
+    if t > max_len:
         raise InputError(
-            f"prompt block of {t} positions does not fit a cache of "
-            f"{cache_max_len(params, cache)} positions"
+            f"prompt block of {t} positions does not fit a cache of {max_len} positions"
         )
+    if lengths is None:
+        lengths = jnp.full((b,), t, jnp.int32)
+    else:
+        lengths = inputs.row_values(lengths, b, "prefill lengths")
+        if not isinstance(lengths, jax.core.Tracer):
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 1 or hi > t:
+                raise InputError(
+                    f"prefill length {lo if lo < 1 else hi} is outside [1, {t}] (a row's "
+                    f"prompt length within the block of {t} positions)"
+                )
+        lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (b,))
     tokens, lengths = _on_mesh(params, tokens, lengths)
     return _program("prefill")(params, tokens, lengths, cache, kernels=ops.kernel_mode())
 
@@ -181,15 +247,22 @@ def prefill(params: Params, tokens, cache, lengths=None):
 def decode_step(params: Params, token, cache, pos):
     """One token per row at positions pos[B]: returns (logits [B, V], updated cache).
 
+    token: int [B], B the cache's batch; pos: int [B] or one int for all rows.
     Positions must lie inside the cache (an `InputError` otherwise); pass them as host values
     (numpy / ints) to keep the step asynchronous, as checking a device array reads it back.
+    Host token ids are checked against the vocabulary; a device token is not read back (it is
+    usually the last step's output) and, outside the vocabulary, gives NaN logits in its row.
     """
-    token = jnp.asarray(token, jnp.int32)
+    token = inputs.token_array(params, token, ndim=1, what="decode_step token", read_device=False)
+    batch, size = check_cache(params, cache)
+    if token.shape[0] != batch:
+        raise InputError(f"decode_step token has {token.shape[0]} rows, the cache {batch}")
+    pos = inputs.row_values(pos, batch, "decode_step pos")
     if not isinstance(pos, jax.core.Tracer):
         # Out of bounds, the cache write would be dropped and the step silently wrong. Host
         # positions are checked for free; a device array costs one device -> host read.
         p = np.asarray(pos)
-        lo, hi, size = int(p.min()), int(p.max()), cache_max_len(params, cache)
+        lo, hi = int(p.min()), int(p.max())
         if lo < 0 or hi >= size:
             raise InputError(
                 f"position {lo if lo < 0 else hi} is outside a cache of {size} positions"

@@ -24,8 +24,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import ops, quant
+from . import inputs, ops, quant
 from .config import Gemma4Config, LayerSpec, layer_plan, locate, segments
+from .errors import InputError
 from .params import Params
 
 # ---------------------------------------------------------------------------- small pieces
@@ -66,6 +67,11 @@ def embed(params: Params, tokens: jax.Array):
     # The reference multiplies by sqrt(D) rounded to the weight dtype (50.5 for E4B in bf16):
     # a bf16 checkpoint rounds it, an f32 one does not, whatever dtype we compute in.
     h = _embed_rows(g["embed"], tokens, jnp.float32) * _scale(math.sqrt(c.d_model), g["embed"])
+    # The gather clamps: a token outside the vocabulary (only a device array that decode_step
+    # does not read back can hold one, see inputs.py) would borrow the last row's embedding.
+    # NaN instead, which reaches the logits of its row and nowhere else.
+    valid = (tokens >= 0) & (tokens < c.vocab_size)
+    h = jnp.where(valid[..., None], h, jnp.nan)
     # The residual stream stays float32 whatever the compute dtype: bf16 applies to matmul
     # operands and the KV cache (a bf16 residual loses ~15% of top-1 agreement on fixtures).
     h = h.astype(jnp.float32)
@@ -491,30 +497,6 @@ def forward_impl(params: Params, tokens: jax.Array, *, return_hidden: bool | str
     return lm_head(params, h)
 
 
-def _check_tokens(params: Params, tokens) -> jax.Array:
-    from .errors import InputError
-
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise InputError(
-            f"tokens must be an int array [batch, time], got {tokens.dtype} {tokens.shape}"
-        )
-    if tokens.shape[1] == 0:
-        raise InputError("tokens must hold at least one position")
-    if not isinstance(tokens, jax.core.Tracer):
-        lo, hi = int(tokens.min()), int(tokens.max())
-        v = params.config.vocab_size
-        if lo < 0 or hi >= v:
-            bad = lo if lo < 0 else hi
-            raise InputError(f"token id {bad} is outside the vocabulary [0, {v})")
-    if tokens.shape[1] > params.config.context_length:
-        raise InputError(
-            f"sequence of {tokens.shape[1]} tokens is longer than the model's "
-            f"context ({params.config.context_length})"
-        )
-    return tokens.astype(jnp.int32)
-
-
 _forward_jit = jax.jit(
     lambda params, tokens, kernels, return_hidden: _with_kernels(
         kernels, forward_impl, params, tokens, return_hidden=return_hidden
@@ -538,8 +520,11 @@ def forward(params: Params, tokens, *, return_hidden: bool | str = False) -> jax
     come out of the same jitted scan as scan outputs.
     """
     if return_hidden not in (False, True, "layers"):
-        from .errors import InputError
-
         raise InputError(f"return_hidden={return_hidden!r}: expected False, True or 'layers'")
-    tokens = _check_tokens(params, tokens)
+    tokens = inputs.token_array(params, tokens, ndim=2, what="tokens")
+    if tokens.shape[1] > params.config.context_length:
+        raise InputError(
+            f"sequence of {tokens.shape[1]} tokens is longer than the model's "
+            f"context ({params.config.context_length})"
+        )
     return _forward_jit(params, tokens, ops.kernel_mode(), return_hidden)

@@ -178,6 +178,65 @@ def test_context_errors(fixtures_dir):
         g4.generate(model.params, [[]], max_new_tokens=2)
 
 
+def _bad_step_calls(params, v):
+    """(call, message) pairs: each call to the functional API must raise InputError(message)."""
+    import jax.numpy as jnp
+
+    c1 = lambda: g4.init_cache(params, 1, 32)  # noqa: E731
+    bf16 = lambda a: a.astype(jnp.bfloat16)  # noqa: E731  (the fixtures' params are float32)
+    tok = np.array([[1, 2, 3]])
+    return [
+        (lambda: g4.prefill(params, np.array([1, 2, 3]), c1()), r"int array \[batch, time\]"),
+        (lambda: g4.prefill(params, tok.astype(float), c1()), "got float64"),
+        (lambda: g4.prefill(params, np.zeros((1, 0), int), c1()), "is empty"),
+        (lambda: g4.prefill(params, np.repeat(tok, 2, 0), c1()), "2 rows, the cache 1"),
+        (lambda: g4.prefill(params, np.array([[1, v]]), c1()), f"token id {v} is outside"),
+        (lambda: g4.prefill(params, jnp.array([[1, -2]]), c1()), "token id -2 is outside"),
+        (lambda: g4.prefill(params, tok, c1(), [0]), r"length 0 is outside \[1, 3\]"),
+        (lambda: g4.prefill(params, tok, c1(), [4]), "length 4 is outside"),
+        (lambda: g4.prefill(params, tok, c1(), [1, 2]), r"one per row, shape \(\) or \(1,\)"),
+        (lambda: g4.prefill(params, tok, c1(), [1.5]), "must be integers"),
+        (lambda: g4.prefill(params, tok, c1()[:1]), "was it made for another model"),
+        (lambda: g4.prefill(params, tok, "cache"), "laid out as str"),
+        (lambda: g4.decode_step(params, [[5]], c1(), [3]), r"int array \[batch\]"),
+        (lambda: g4.decode_step(params, [5, 6], c1(), [3]), "2 rows, the cache 1"),
+        (lambda: g4.decode_step(params, [v], c1(), [3]), f"token id {v} is outside"),
+        (lambda: g4.decode_step(params, [5], c1(), [3, 4]), "one per row"),
+        (
+            lambda: g4.decode_step(params, [5], jax.tree.map(bf16, c1()), [3]),
+            "cache array 0 is bfloat16",
+        ),
+        (lambda: g4.init_cache(params, 0, 32), "batch must be an int >= 1, got 0"),
+        (lambda: g4.init_cache(params, 1, 2.5), "max_len must be an int >= 1"),
+        (lambda: g4.init_cache(params, 1, 10**9), "exceeds the model's context"),
+        (lambda: g4.forward(params, "hello"), r"int array \[batch, time\], got <U5"),
+    ]
+
+
+def test_functional_api_names_bad_input(fixtures_dir):
+    """prefill / decode_step / init_cache / forward: a wrong rank or dtype, a batch that does
+    not match the cache, another model's cache, a bad length or an id outside the vocabulary
+    is an InputError naming it (not an error from inside JAX, not a silently wrong answer)."""
+    model, _ = load_fixture(fixtures_dir, "e4b_tiny")
+    for call, message in _bad_step_calls(model.params, model.config.vocab_size):
+        with pytest.raises(g4.InputError, match=message):
+            call()
+
+
+def test_device_token_outside_the_vocabulary_gives_nan_logits(fixtures_dir):
+    """decode_step does not read a device token back (it would stall each step): an id
+    outside the vocabulary gives NaN logits in its row, and the other rows are unaffected."""
+    import jax.numpy as jnp
+
+    model, ref = load_fixture(fixtures_dir, "e4b_tiny")
+    v = model.config.vocab_size
+    prompt = np.stack([ref["prompt_0"][:8], ref["prompt_0"][:8]])
+    _, cache = g4.prefill(model.params, prompt, g4.init_cache(model.params, 2, 32))
+    logits, _ = g4.decode_step(model.params, jnp.array([5, v + 3]), cache, np.array([8, 8]))
+    logits = np.asarray(logits)
+    assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()
+
+
 def test_decode_step_position_outside_the_cache(fixtures_dir):
     # A write outside the cache would be dropped (silently wrong logits): an error instead.
     model, _ = load_fixture(fixtures_dir, "e4b_tiny")

@@ -1,0 +1,67 @@
+"""Checks of what the functional API (`forward`, `init_cache`, `prefill`, `decode_step`) is
+given, made before anything is traced: a wrong rank, a float or text array, a batch that does
+not match the cache or a token outside the vocabulary is an `InputError` that names it, not
+an error from inside JAX or a silently wrong answer. (`generate` checks its prompts itself:
+it takes ragged lists.)
+
+Shapes and dtypes are always checked. Token values are read where that is cheap: host values
+(numpy arrays, lists, ints) always; device arrays once per call in `forward` and `prefill`, but
+not in `decode_step`, whose token is usually the previous step's device output: reading it
+back would stall every step. For that case `model.embed` gives a token outside the vocabulary
+NaN logits in its row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import InputError
+from .params import Params
+
+__all__ = ["check_ids_in_vocab", "positive_int", "row_values", "token_array"]
+
+
+def token_array(
+    params: Params, tokens, *, ndim: int, what: str, read_device: bool = True
+) -> jax.Array:
+    """`tokens` as an int32 array of rank `ndim`, its ids checked against the vocabulary
+    (device arrays only when `read_device`; never tracers)."""
+    shape = "[batch, time]" if ndim == 2 else "[batch]"
+    on_device = isinstance(tokens, jax.Array)
+    arr = tokens if on_device else np.asarray(tokens)
+    if arr.ndim != ndim or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{what} must be an int array {shape}, got {arr.dtype} {arr.shape}")
+    if 0 in arr.shape:
+        raise InputError(f"{what} {shape} is empty: shape {arr.shape}")
+    if not isinstance(arr, jax.core.Tracer) and (read_device or not on_device):
+        check_ids_in_vocab(params, arr, what)
+    return jnp.asarray(arr, jnp.int32)
+
+
+def check_ids_in_vocab(params: Params, ids, what: str) -> None:
+    """Raises if any of the concrete ids lies outside [0, vocab)."""
+    lo, hi = int(ids.min()), int(ids.max())
+    v = params.config.vocab_size
+    if lo < 0 or hi >= v:
+        bad = lo if lo < 0 else hi
+        raise InputError(f"{what}: token id {bad} is outside the vocabulary [0, {v})")
+
+
+def row_values(values, batch: int, what: str):
+    """One integer per row: a scalar or a [batch] array (host or device), as given."""
+    on_device = isinstance(values, jax.Array)
+    arr = values if on_device else np.asarray(values)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{what} must be integers, got {arr.dtype}")
+    if arr.shape not in ((), (batch,)):
+        raise InputError(f"{what} must be one per row, shape () or ({batch},), got {arr.shape}")
+    return arr
+
+
+def positive_int(value, what: str) -> int:
+    """`value` as an int >= 1 (bools and floats are not sizes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{what} must be an int >= 1, got {value!r}")
+    return int(value)
