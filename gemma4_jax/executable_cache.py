@@ -10,8 +10,9 @@ determines the program instead:
 - the program's name and static arguments;
 - the arguments' tree structure (the model config is part of it), shapes, dtypes, shardings;
 - a hash of the source files of `gemma4_jax` and `pallas_kernels`;
-- jax and jaxlib versions, the backend and its devices, XLA_FLAGS, every GEMMA4_JAX_* variable
-  and JAX's configuration values.
+- jax and jaxlib versions, the backend and its devices (their topology fingerprint, and for
+  the CPU backend the host CPU's feature flags), XLA_FLAGS, every GEMMA4_JAX_* variable and
+  JAX's configuration values.
 
 Anything the key does not see must not change the program: module globals patched at run time
 (tests do that) are such a thing, which is why the test suite turns this cache off. It is on
@@ -185,4 +186,28 @@ def _sources_and_platform() -> tuple:
         jax.default_backend(),
         getattr(devices[0].client, "platform_version", ""),
         tuple((d.id, d.device_kind) for d in devices),
+        _host_code_target(devices),
     )
+
+
+def _host_code_target(devices) -> tuple:
+    """What the compiled code was built for beyond the device kind: the devices' topology
+    fingerprint (what JAX's own cache key hashes) and, for XLA:CPU, which compiles for the
+    host's instruction set, the CPU's feature flags (a cache directory copied to another
+    machine must not hand it code its CPU cannot run)."""
+    try:
+        from jax._src.lib import xla_client
+
+        fingerprint = xla_client.get_topology_for_devices(list(devices)).fingerprint()
+    except Exception:  # not every backend serializes its topology; the rest of the key stands
+        fingerprint = None
+    flags = ""
+    if devices[0].platform == "cpu":
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+            flags = next((x for x in text.splitlines() if x.startswith(("flags", "Features"))), "")
+        except OSError:
+            import platform
+
+            flags = f"{platform.machine()} {platform.processor()}"
+    return fingerprint, hashlib.sha256(flags.encode()).hexdigest()[:16]
