@@ -182,7 +182,7 @@ def _rate(n: int, seconds: float) -> str:
 
 
 def cmd_run(args) -> int:
-    from .generate import generate
+    from .generate import generate, prng_key
     from .runconfig import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
@@ -216,9 +216,6 @@ def cmd_run(args) -> int:
         stops = _stop_ids(tok, cfg.stop_tokens)
         shown_stops = set(model.config.stop_ids if stops is None else stops)
         sampler = _sampler_from_config(cfg.sampler)
-        import jax
-
-        key = jax.random.PRNGKey(cfg.seed)
         n, bs = len(prompt_ids), cfg.batch_size
         ttfts, decode_s, gen_tokens, wall = [], 0.0, 0, time.perf_counter()
         for b, start in enumerate(range(0, n, bs)):
@@ -231,7 +228,7 @@ def cmd_run(args) -> int:
                 rows,
                 max_new_tokens=cfg.max_new_tokens,
                 sampler=sampler,
-                key=jax.random.fold_in(key, b),
+                key=prng_key(cfg.seed, b),  # fold_in(PRNGKey(seed), b), one cached program
                 stop_tokens=stops,
                 max_len=cfg.max_len,
                 buckets=cfg.bucket_sizes(),
@@ -292,9 +289,7 @@ def _print_result(j: int, n: int, prompt, text: str, n_tokens: int, reason: str)
 
 
 def cmd_generate(args) -> int:
-    import jax
-
-    from .generate import generate_stream
+    from .generate import generate_stream, prng_key
 
     sampler = _sampler_from_flags(args)  # bad flag values fail before the load
     model = _load_model(args.model, args.dtype)
@@ -314,7 +309,7 @@ def cmd_generate(args) -> int:
         [ids],
         max_new_tokens=args.max_new_tokens,
         sampler=sampler,
-        key=jax.random.PRNGKey(args.seed),
+        key=prng_key(args.seed),
         max_len=args.max_len,
         chunk=args.chunk,
     ):

@@ -65,10 +65,12 @@ def init_cache(params: Params, batch: int, max_len: int) -> tuple:
             f"init_cache max_len={max_len} exceeds the model's context "
             f"({params.config.context_length})"
         )
-    spec = cache_spec(params.config, batch, max_len, params.compute_dtype)
     mesh = sharding.params_mesh(params)
-    if mesh is None:
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+    if mesh is None:  # one program (kept by the executable cache), not an eager op per shape
+        empty = _program("empty_cache")
+        dtype = jnp.dtype(params.compute_dtype).name
+        return empty(config=params.config, batch=batch, max_len=max_len, dtype=dtype)
+    spec = cache_spec(params.config, batch, max_len, params.compute_dtype)
     # Params on a mesh: each device allocates only its shards of the cache.
     shardings = sharding.cache_shardings(params.config, spec, mesh)
     return jax.tree.map(lambda s, d: jnp.zeros(s.shape, s.dtype, device=d), spec, shardings)
@@ -202,9 +204,18 @@ def _program(name: str):
             )
             _PROGRAMS[name] = _jit(f, static=("kernels",), donate=("cache",))
         elif name == "first_token":
+            static = ("sampler", "pad_id", "max_new_tokens")
             _PROGRAMS[name] = CachedProgram(
-                name, _jit(_first_token_entry, static=("sampler", "pad_id"), donate=("state",))
+                name, _jit(_first_token_entry, static=static, donate=("cache",))
             )
+        elif name == "empty_cache":
+            static = ("config", "batch", "max_len", "dtype")
+            jitted = jax.jit(_empty_cache_entry, static_argnames=static)
+            _PROGRAMS[name] = CachedProgram(name, jitted)
+        elif name == "prng_key":
+            static = ("seed", "fold")
+            jitted = jax.jit(_prng_key_entry, static_argnames=static)
+            _PROGRAMS[name] = CachedProgram(name, jitted)
         elif name == "decode_loop":
             static = ("kernels", "sampler", "n_steps")
             _PROGRAMS[name] = CachedProgram(
@@ -229,7 +240,7 @@ def prefill(params: Params, tokens, cache, lengths=None):
             f"prompt block of {t} positions does not fit a cache of {max_len} positions"
         )
     if lengths is None:
-        lengths = jnp.full((b,), t, jnp.int32)
+        lengths = inputs.int32_array(t, (b,))
     else:
         lengths = inputs.row_values(lengths, b, "prefill lengths")
         if not isinstance(lengths, jax.core.Tracer):
@@ -239,7 +250,7 @@ def prefill(params: Params, tokens, cache, lengths=None):
                     f"prefill length {lo if lo < 1 else hi} is outside [1, {t}] (a row's "
                     f"prompt length within the block of {t} positions)"
                 )
-        lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (b,))
+        lengths = inputs.int32_array(lengths, (b,))
     tokens, lengths = _on_mesh(params, tokens, lengths)
     return _program("prefill")(params, tokens, lengths, cache, kernels=ops.kernel_mode())
 
@@ -267,7 +278,7 @@ def decode_step(params: Params, token, cache, pos):
             raise InputError(
                 f"position {lo if lo < 0 else hi} is outside a cache of {size} positions"
             )
-    pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), token.shape)
+    pos = inputs.int32_array(pos, token.shape)
     token, pos = _on_mesh(params, token, pos)
     return _program("decode_step")(params, token, cache, pos, kernels=ops.kernel_mode())
 
@@ -303,8 +314,43 @@ def _emit(state: dict, logits, stop_ids, sampler, pad_id: int) -> dict:
     )
 
 
-def _first_token_entry(state, logits, stop_ids, sampler, pad_id):
+def _empty_cache_entry(config, batch, max_len, dtype):
+    spec = cache_spec(config, batch, max_len, jnp.dtype(dtype))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+
+
+def _prng_key_entry(index, seed, fold):
+    key = jax.random.PRNGKey(seed)
+    return jax.random.fold_in(key, index) if fold else key
+
+
+def prng_key(seed: int, index: int | None = None) -> jax.Array:
+    """`jax.random.PRNGKey(seed)`, folded with `index` (`jax.random.fold_in`) when given: the
+    same key, made by one program that the executable cache keeps (eagerly, the seeding and
+    the fold are three programs to compile in every new process)."""
+    fold = index is not None
+    data = jax.device_put(np.uint32(index if fold else 0))
+    return _program("prng_key")(data, seed=int(seed), fold=fold)
+
+
+def _first_token_entry(cache, logits, lengths, key, stop_ids, sampler, pad_id, max_new_tokens):
+    """The decode state (see `_decode_loop`) with its first token sampled from the prefill
+    logits. The state is made here, not by eager ops (each a compilation in a new process)."""
     TRACE_COUNTS["first_token"] += 1
+    b = logits.shape[0]
+    state = dict(
+        last=jnp.zeros((b,), jnp.int32),
+        tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
+        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+        n=jnp.zeros((b,), jnp.int32),
+        step=jnp.int32(0),
+        cache=cache,
+        pos=lengths,
+        key=key,
+        done=jnp.zeros((b,), bool),
+        stopped=jnp.zeros((b,), bool),
+        limit=jnp.int32(max_new_tokens),
+    )
     return _emit(state, logits, stop_ids, sampler, pad_id)
 
 
@@ -461,7 +507,7 @@ def generate_stream(
     import time
 
     sampler = Greedy() if sampler is None else sampler
-    key = jax.random.PRNGKey(0) if key is None else key
+    key = prng_key(0) if key is None else key
     padded, lengths, max_len, stops = _prepare(
         params, tokens, max_new_tokens, max_len, buckets, stop_tokens
     )
@@ -472,32 +518,26 @@ def generate_stream(
     logits, cache = prefill(params, padded, cache, lengths)
     logits.block_until_ready()
     t_prefill = time.perf_counter() - t0
-    stop_arr = jnp.asarray(stops if stops else (-1,), jnp.int32)
-    state = dict(
-        last=jnp.zeros((b,), jnp.int32),
-        tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
-        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
-        n=jnp.zeros((b,), jnp.int32),
-        step=jnp.int32(0),
-        cache=cache,
-        pos=jnp.asarray(lengths),
-        key=key,
-        done=jnp.zeros((b,), bool),
-        stopped=jnp.zeros((b,), bool),
-        limit=jnp.int32(max_new_tokens),
-    )
+    stop_arr = jax.device_put(np.asarray(stops if stops else (-1,), np.int32))
     # The first token is sampled from the prefill logits by a small program of its own and
     # yielded before the decode loop is called (and, on a first call, compiled): the time to
     # the first token is prefill + one sample.
     state = _program("first_token")(
-        state, logits, stop_arr, sampler=sampler, pad_id=params.config.pad_id
+        cache,
+        logits,
+        *_on_mesh(params, jax.device_put(lengths)),
+        key,
+        stop_arr,
+        sampler=sampler,
+        pad_id=params.config.pad_id,
+        max_new_tokens=max_new_tokens,
     )
     loop = _program("decode_loop")
     kernels = ops.kernel_mode()
     seen = 0
     while True:
         step = int(state["step"])
-        new = np.asarray(state["tokens"][:, seen:step])
+        new = np.asarray(state["tokens"])[:, seen:step]  # sliced on the host: no eager op
         seen = step
         finished = step >= max_new_tokens or bool(np.all(np.asarray(state["done"])))
         timings = {"prefill_s": t_prefill, "elapsed_s": time.perf_counter() - t0}

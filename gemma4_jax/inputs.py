@@ -20,7 +20,7 @@ import numpy as np
 from .errors import InputError
 from .params import Params
 
-__all__ = ["check_ids_in_vocab", "positive_int", "row_values", "token_array"]
+__all__ = ["check_ids_in_vocab", "int32_array", "positive_int", "row_values", "token_array"]
 
 
 def token_array(
@@ -37,7 +37,7 @@ def token_array(
         raise InputError(f"{what} {shape} is empty: shape {arr.shape}")
     if not isinstance(arr, jax.core.Tracer) and (read_device or not on_device):
         check_ids_in_vocab(params, arr, what)
-    return jnp.asarray(arr, jnp.int32)
+    return int32_array(arr, arr.shape)
 
 
 def check_ids_in_vocab(params: Params, ids, what: str) -> None:
@@ -58,6 +58,18 @@ def row_values(values, batch: int, what: str):
     if arr.shape not in ((), (batch,)):
         raise InputError(f"{what} must be one per row, shape () or ({batch},), got {arr.shape}")
     return arr
+
+
+def int32_array(values, shape) -> jax.Array:
+    """`values` (host or device, broadcastable) as an int32 device array of `shape`. Host
+    values go by `device_put`: `jnp.asarray` of a numpy array compiles a copy program, and a
+    new process pays a compilation for each such eager op (RESULTS.md run w)."""
+    if isinstance(values, jax.Array):
+        if values.dtype != jnp.int32:
+            values = values.astype(jnp.int32)
+        return values if values.shape == tuple(shape) else jnp.broadcast_to(values, shape)
+    host = np.broadcast_to(np.asarray(values, np.int32), shape)
+    return jax.device_put(np.ascontiguousarray(host))
 
 
 def positive_int(value, what: str) -> int:

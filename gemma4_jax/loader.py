@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import quant
@@ -273,7 +272,8 @@ def _device_repack() -> bool:
 def place(params: Params, mesh=None) -> Params:
     """Move numpy leaves to the device(s); with a mesh, each leaf straight onto its shards."""
     if mesh is None:
-        return jax.tree.map(jnp.asarray, params)
+        # device_put, not jnp.asarray: the latter compiles a copy program per numpy leaf.
+        return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), params)
     from .sharding import shard_params
 
     return shard_params(params, mesh)
