@@ -21,6 +21,13 @@ from gemma4_jax import executable_cache
 if len(sys.argv) > 3 and sys.argv[3] == "store-served":
     executable_cache.STORE_SERVED_ON.add(jax.default_backend())
 gen = sys.modules["gemma4_jax.generate"]
+# Every program this process compiles or takes from JAX's cache, eager ops included.
+compiled = []
+COMPILE, HIT = "/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_hits"
+jax.monitoring.register_event_duration_secs_listener(
+    lambda e, d, **k: compiled.append(e) if e == COMPILE else None
+)
+jax.monitoring.register_event_listener(lambda e, **k: compiled.append(e) if e == HIT else None)
 model = g4.load(sys.argv[1])
 out = g4.generate(model.params, [[5, 9, 17, 33, 65]], max_new_tokens=6, stop_tokens=())
 print("RESULT " + json.dumps({
@@ -28,6 +35,7 @@ print("RESULT " + json.dumps({
     "logprobs": [float(x) for x in out.logprobs[0]],
     "traces": dict(gen.TRACE_COUNTS),
     "stats": executable_cache.STATS,
+    "compiled": len(compiled),
 }))
 """
 
@@ -68,6 +76,7 @@ def test_second_process_skips_tracing(fixtures_dir, tmp_path):
     warm, _ = _run(fixtures_dir, tmp_path)
     assert warm["stats"]["hits"] == cold["stats"]["misses"] and warm["stats"]["misses"] == 0
     assert warm["traces"] == {}  # nothing traced: every program came from the cache
+    assert warm["compiled"] == 0  # and no eager op compiled (each costs a new process time)
     assert warm["tokens"] == cold["tokens"] and warm["logprobs"] == cold["logprobs"]
 
     off, _ = _run(fixtures_dir, tmp_path, GEMMA4_JAX_EXECUTABLE_CACHE="0")
