@@ -25,10 +25,13 @@ An executable that JAX served from its own persistent cache is not stored: XLA:C
 such an executable without its compiled functions, and the next process to load it fails when
 it runs ("Function slice_bitcast_fusion not found"). Whether GPU executables survive the round
 trip has not been checked on a GPU yet (`test_served_executables_round_trip` does), so they are
-not stored either (`STORE_SERVED_ON` lists the platforms where they would be). It happens when
-our entries are missing and JAX's are not (the package's sources changed and the programs did
-not); JAX's cache then serves those programs as it did before this cache existed, and clearing
-JAX's cache directory lets ours fill again.
+not stored either (`STORE_SERVED_ON` lists the platforms where they would be). So that JAX
+does not serve them in the first place, a program is compiled for this cache under a name
+made of its key (JAX keys its cache by the module, name included): after the sources or
+settings change, the program is new to JAX's cache too, even where its code is the same.
+JAX can then serve one only if our entry was removed and its own kept; JAX's cache serves
+that program as it did before this cache existed, and clearing JAX's cache directory lets
+ours fill again.
 
 Entries are pickles, like JAX's own serialized executables: keep the cache directory as
 private as any other code you run.
@@ -76,11 +79,13 @@ def cache_dir() -> Path | None:
 
 
 class CachedProgram:
-    """A jitted function called through compiled executables kept per argument signature, in
-    memory and (see the module docstring) on disk. Static arguments are passed by keyword."""
+    """`jax.jit(fn, **jit_options)` called through compiled executables kept per argument
+    signature, in memory and (see the module docstring) on disk. Static arguments are passed
+    by keyword."""
 
-    def __init__(self, name: str, jitted):
-        self.name, self.jitted = name, jitted
+    def __init__(self, name: str, fn, **jit_options):
+        self.name, self.fn, self.jit_options = name, fn, jit_options
+        self.jitted = jax.jit(fn, **jit_options)
 
     def __call__(self, *args, **static):
         where = cache_dir()
@@ -115,7 +120,11 @@ class CachedProgram:
                 warnings.warn(msg, stacklevel=3)
         STATS["misses"] += 1
         hits_before = _jax_cache_hits()
-        compiled = self.jitted.lower(*args, **static).compile()
+        # Compiled under a name made of the key: JAX's cache holds no executable of an earlier
+        # version of the sources (or settings) under it, so this compile is fresh and can be
+        # stored (see the module docstring for what JAX's cache would hand back).
+        fresh = jax.jit(_named(self.fn, f"{self.name}_{key}"), **self.jit_options)
+        compiled = fresh.lower(*args, **static).compile()
         if _jax_cache_hits() > hits_before and jax.default_backend() not in STORE_SERVED_ON:
             STATS["not_stored"] += 1  # see the module docstring: it may not run
             return compiled
@@ -128,6 +137,17 @@ class CachedProgram:
         except Exception as e:  # not serializable here: the in-memory entry still serves
             warnings.warn(f"executable cache: cannot store {self.name} ({e})", stacklevel=3)
         return compiled
+
+
+def _named(fn, name: str):
+    """`fn` under another `__name__` (JAX names the module, and keys its cache, by it)."""
+
+    @functools.wraps(fn)  # the signature stays fn's: static and donated arguments by name
+    def program(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    program.__name__ = program.__qualname__ = name
+    return program
 
 
 _THREAD = threading.local()  # JAX records cache hits in the thread that compiles

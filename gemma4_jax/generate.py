@@ -175,8 +175,8 @@ def _donate() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def _jit(fn, static=(), donate=()):
-    return jax.jit(fn, static_argnames=static, donate_argnames=donate if _donate() else ())
+def _jit_options(static=(), donate=()) -> dict:
+    return {"static_argnames": static, "donate_argnames": donate if _donate() else ()}
 
 
 def _with_kernels(kernels, fn, *args):
@@ -197,30 +197,28 @@ def _program(name: str):
             f = lambda params, tokens, lengths, cache, kernels: _with_kernels(
                 kernels, _prefill_impl, params, tokens, lengths, cache
             )
-            _PROGRAMS[name] = CachedProgram(name, _jit(f, static=("kernels",), donate=("cache",)))
+            f.__name__ = "prefill"
+            opts = _jit_options(static=("kernels",), donate=("cache",))
+            _PROGRAMS[name] = CachedProgram(name, f, **opts)
         elif name == "decode_step":
             f = lambda params, token, cache, pos, kernels: _with_kernels(
                 kernels, _decode_impl, params, token, cache, pos
             )
-            _PROGRAMS[name] = _jit(f, static=("kernels",), donate=("cache",))
+            f.__name__ = "decode_step"
+            _PROGRAMS[name] = jax.jit(f, **_jit_options(static=("kernels",), donate=("cache",)))
         elif name == "first_token":
             static = ("sampler", "pad_id", "max_new_tokens")
-            _PROGRAMS[name] = CachedProgram(
-                name, _jit(_first_token_entry, static=static, donate=("cache",))
-            )
+            opts = _jit_options(static=static, donate=("cache",))
+            _PROGRAMS[name] = CachedProgram(name, _first_token_entry, **opts)
         elif name == "empty_cache":
             static = ("config", "batch", "max_len", "dtype")
-            jitted = jax.jit(_empty_cache_entry, static_argnames=static)
-            _PROGRAMS[name] = CachedProgram(name, jitted)
+            _PROGRAMS[name] = CachedProgram(name, _empty_cache_entry, static_argnames=static)
         elif name == "prng_key":
             static = ("seed", "fold")
-            jitted = jax.jit(_prng_key_entry, static_argnames=static)
-            _PROGRAMS[name] = CachedProgram(name, jitted)
+            _PROGRAMS[name] = CachedProgram(name, _prng_key_entry, static_argnames=static)
         elif name == "decode_loop":
-            static = ("kernels", "sampler", "n_steps")
-            _PROGRAMS[name] = CachedProgram(
-                name, _jit(_decode_loop_entry, static=static, donate=("state",))
-            )
+            opts = _jit_options(static=("kernels", "sampler", "n_steps"), donate=("state",))
+            _PROGRAMS[name] = CachedProgram(name, _decode_loop_entry, **opts)
     return _PROGRAMS[name]
 
 

@@ -589,7 +589,7 @@ def _device_split(cls: type[QTensor], shape: tuple[int, ...], pieces: tuple[int,
     # Through the executable cache: a warm load then skips tracing and lowering ~30 of these.
     kind = "stacked" if stacked else "single"
     name = f"split_{cls.ggml_type}_{'x'.join(map(str, shape))}_{kind}"
-    return CachedProgram(name, jax.jit(split))
+    return CachedProgram(name, split)
 
 
 def _what(name: str | None) -> str:

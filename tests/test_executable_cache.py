@@ -122,6 +122,20 @@ def test_entries_made_while_jax_cache_is_warm_run(fixtures_dir, tmp_path):
     assert warm["tokens"] == cold["tokens"] and warm["logprobs"] == cold["logprobs"]
 
 
+def test_a_new_key_compiles_afresh_while_jax_cache_is_warm(fixtures_dir, tmp_path):
+    """After the sources or a setting change (here a GEMMA4_JAX_* variable no program reads),
+    the programs are the same but the key is new: they are compiled under the new key's name,
+    which JAX's cache has never seen, so they are fresh and stored, and the next process
+    compiles nothing."""
+    cold, _ = _run(fixtures_dir, tmp_path)
+    salted, _ = _run(fixtures_dir, tmp_path, GEMMA4_JAX_TEST_SALT="1")
+    assert salted["stats"]["misses"] == cold["stats"]["misses"]
+    assert salted["stats"]["not_stored"] == 0
+    warm, _ = _run(fixtures_dir, tmp_path, GEMMA4_JAX_TEST_SALT="1")
+    assert warm["stats"]["hits"] == cold["stats"]["misses"] and warm["compiled"] == 0
+    assert warm["tokens"] == cold["tokens"] and warm["logprobs"] == cold["logprobs"]
+
+
 def test_served_executables_round_trip(fixtures_dir, tmp_path):
     """Why `STORE_SERVED_ON` is empty: stored anyway, an executable that JAX served from its
     cache does not run in the next process on XLA:CPU (jax 0.10.2). On a GPU the round trip is
