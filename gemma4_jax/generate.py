@@ -327,6 +327,8 @@ def prng_key(seed: int, index: int | None = None) -> jax.Array:
     same key, made by one program that the executable cache keeps (eagerly, the seeding and
     the fold are three programs to compile in every new process)."""
     fold = index is not None
+    if fold and not 0 <= int(index) < 2**32:
+        raise InputError(f"prng_key index {index} is not a uint32 (0 <= index < 2**32)")
     data = jax.device_put(np.uint32(index if fold else 0))
     return _program("prng_key")(data, seed=int(seed), fold=fold)
 

@@ -245,3 +245,14 @@ def test_decode_step_position_outside_the_cache(fixtures_dir):
         g4.decode_step(model.params, [5], cache, [32])
     with pytest.raises(g4.InputError, match="position -1"):
         g4.decode_step(model.params, [5], cache, [-1])
+
+
+def test_prng_key_is_jax_key():
+    """`prng_key` (one cached program) gives exactly `PRNGKey(seed)` / `fold_in(..., index)`."""
+    for seed, index in [(0, None), (7, None), (123, 5), (2**31 - 1, 0), (5, 2**32 - 1)]:
+        want = jax.random.PRNGKey(seed)
+        if index is not None:
+            want = jax.random.fold_in(want, index)
+        np.testing.assert_array_equal(np.asarray(gen.prng_key(seed, index)), np.asarray(want))
+    with pytest.raises(g4.InputError, match="index -1 is not a uint32"):
+        gen.prng_key(1, -1)
