@@ -677,7 +677,6 @@ def perplexity_windows(n: int, context: int, stride: int, prefix: int):
 
 def cmd_perplexity(args) -> int:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from .errors import InputError
@@ -722,7 +721,8 @@ def cmd_perplexity(args) -> int:
             # input position p predicts p + 1; text token k sits at len(prefix) + k - b
             lo, hi = len(prefix) + first - b, len(prefix) + e - b
             mask[r, lo - 1 : hi - 1] = True
-        lp = np.asarray(score(forward(model.params, jnp.asarray(toks)), jnp.asarray(toks)))
+        # numpy in: the ids are checked on the host and travel by device_put (no eager op)
+        lp = np.asarray(score(forward(model.params, toks), jax.device_put(toks)))
         total += float(lp[mask].astype(np.float64).sum())
         scored += int(mask.sum())
     dt = time.perf_counter() - t0

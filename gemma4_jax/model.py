@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from . import inputs, ops, quant
 from .config import Gemma4Config, LayerSpec, layer_plan, locate, segments
 from .errors import InputError
+from .executable_cache import CachedProgram
 from .params import Params
 
 # ---------------------------------------------------------------------------- small pieces
@@ -497,11 +498,13 @@ def forward_impl(params: Params, tokens: jax.Array, *, return_hidden: bool | str
     return lm_head(params, h)
 
 
-_forward_jit = jax.jit(
-    lambda params, tokens, kernels, return_hidden: _with_kernels(
-        kernels, forward_impl, params, tokens, return_hidden=return_hidden
-    ),
-    static_argnames=("kernels", "return_hidden"),
+def _forward_entry(params, tokens, kernels, return_hidden):
+    return _with_kernels(kernels, forward_impl, params, tokens, return_hidden=return_hidden)
+
+
+# Through the executable cache: a scoring script's new process loads the program compiled.
+_forward_program = CachedProgram(
+    "forward", _forward_entry, static_argnames=("kernels", "return_hidden")
 )
 
 
@@ -527,4 +530,4 @@ def forward(params: Params, tokens, *, return_hidden: bool | str = False) -> jax
             f"sequence of {tokens.shape[1]} tokens is longer than the model's "
             f"context ({params.config.context_length})"
         )
-    return _forward_jit(params, tokens, ops.kernel_mode(), return_hidden)
+    return _forward_program(params, tokens, kernels=ops.kernel_mode(), return_hidden=return_hidden)

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = """
 import json, sys
+import numpy as np
 import jax
 jax.config.update("jax_compilation_cache_dir", sys.argv[2])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -30,9 +31,11 @@ jax.monitoring.register_event_duration_secs_listener(
 jax.monitoring.register_event_listener(lambda e, **k: compiled.append(e) if e == HIT else None)
 model = g4.load(sys.argv[1])
 out = g4.generate(model.params, [[5, 9, 17, 33, 65]], max_new_tokens=6, stop_tokens=())
+scores = np.asarray(g4.forward(model.params, [[5, 9, 17, 33, 65]]))[0, :, :4]  # host slice
 print("RESULT " + json.dumps({
     "tokens": [int(t) for t in out.tokens[0]],
     "logprobs": [float(x) for x in out.logprobs[0]],
+    "forward": [float(x) for x in scores.reshape(-1)],
     "traces": dict(gen.TRACE_COUNTS),
     "stats": executable_cache.STATS,
     "compiled": len(compiled),
@@ -78,6 +81,7 @@ def test_second_process_skips_tracing(fixtures_dir, tmp_path):
     assert warm["traces"] == {}  # nothing traced: every program came from the cache
     assert warm["compiled"] == 0  # and no eager op compiled (each costs a new process time)
     assert warm["tokens"] == cold["tokens"] and warm["logprobs"] == cold["logprobs"]
+    assert warm["forward"] == cold["forward"]
 
     off, _ = _run(fixtures_dir, tmp_path, GEMMA4_JAX_EXECUTABLE_CACHE="0")
     assert off["stats"]["hits"] == 0 and off["stats"]["bypassed"] >= 2
