@@ -27,7 +27,7 @@ from . import inputs, ops, sharding
 from .config import Gemma4Config, segments
 from .errors import InputError
 from .executable_cache import CachedProgram
-from .model import embed, lm_head, run_cached, run_sequence
+from .model import embed, lm_head, run_cached, run_sequence, with_kernels
 from .params import Params
 from .sampling import Greedy, chosen_logprobs
 
@@ -179,11 +179,6 @@ def _jit_options(static=(), donate=()) -> dict:
     return {"static_argnames": static, "donate_argnames": donate if _donate() else ()}
 
 
-def _with_kernels(kernels, fn, *args):
-    with ops.use_kernels(kernels):
-        return fn(*args)
-
-
 _PROGRAMS: dict[str, Any] = {}
 
 
@@ -194,14 +189,14 @@ def _program(name: str):
     again (the per-step `decode_step` stays a plain jit: its call must stay cheap)."""
     if name not in _PROGRAMS:
         if name == "prefill":
-            f = lambda params, tokens, lengths, cache, kernels: _with_kernels(
+            f = lambda params, tokens, lengths, cache, kernels: with_kernels(
                 kernels, _prefill_impl, params, tokens, lengths, cache
             )
             f.__name__ = "prefill"
             opts = _jit_options(static=("kernels",), donate=("cache",))
             _PROGRAMS[name] = CachedProgram(name, f, **opts)
         elif name == "decode_step":
-            f = lambda params, token, cache, pos, kernels: _with_kernels(
+            f = lambda params, token, cache, pos, kernels: with_kernels(
                 kernels, _decode_impl, params, token, cache, pos
             )
             f.__name__ = "decode_step"
@@ -249,6 +244,11 @@ def prefill(params: Params, tokens, cache, lengths=None):
                     f"prompt length within the block of {t} positions)"
                 )
         lengths = inputs.int32_array(lengths, (b,))
+    return _prefill(params, tokens, lengths, cache)
+
+
+def _prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache):
+    """`prefill` of inputs already checked (`generate` checks its prompts itself)."""
     tokens, lengths = _on_mesh(params, tokens, lengths)
     return _program("prefill")(params, tokens, lengths, cache, kernels=ops.kernel_mode())
 
@@ -430,15 +430,12 @@ def _as_rows(params: Params, tokens) -> list[np.ndarray]:
             rows = [np.asarray(tokens)]
     if not rows:
         raise InputError("no prompts given")
-    v = params.config.vocab_size
     for i, r in enumerate(rows):
         if r.ndim != 1 or r.size == 0:
             raise InputError(f"prompt {i} is empty or not a flat list of token ids")
         if not np.issubdtype(r.dtype, np.integer):
             raise InputError(f"prompt {i} holds {r.dtype} values, expected integer token ids")
-        if r.min() < 0 or r.max() >= v:
-            bad = int(r.min()) if r.min() < 0 else int(r.max())
-            raise InputError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {v})")
+        inputs.check_ids_in_vocab(params, r, f"prompt {i}")
     return [r.astype(np.int32) for r in rows]
 
 
@@ -515,7 +512,9 @@ def generate_stream(
     chunk = max_new_tokens if chunk is None else max(1, int(chunk))
     t0 = time.perf_counter()
     cache = init_cache(params, b, max_len)
-    logits, cache = prefill(params, padded, cache, lengths)
+    # _prepare checked the prompts; the lengths go to the device once for both programs.
+    (on_device,) = _on_mesh(params, jax.device_put(lengths))
+    logits, cache = _prefill(params, jax.device_put(padded), on_device, cache)
     logits.block_until_ready()
     t_prefill = time.perf_counter() - t0
     stop_arr = jax.device_put(np.asarray(stops if stops else (-1,), np.int32))
@@ -525,7 +524,7 @@ def generate_stream(
     state = _program("first_token")(
         cache,
         logits,
-        *_on_mesh(params, jax.device_put(lengths)),
+        on_device,
         key,
         stop_arr,
         sampler=sampler,

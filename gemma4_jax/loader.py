@@ -272,8 +272,9 @@ def _device_repack() -> bool:
 def place(params: Params, mesh=None) -> Params:
     """Move numpy leaves to the device(s); with a mesh, each leaf straight onto its shards."""
     if mesh is None:
-        # device_put, not jnp.asarray: the latter compiles a copy program per numpy leaf.
-        return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), params)
+        # device_put, not jnp.asarray: the latter compiles a copy program per numpy leaf
+        # (device arrays pass through device_put as they are).
+        return jax.tree.map(jax.device_put, params)
     from .sharding import shard_params
 
     return shard_params(params, mesh)

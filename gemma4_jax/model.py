@@ -499,7 +499,7 @@ def forward_impl(params: Params, tokens: jax.Array, *, return_hidden: bool | str
 
 
 def _forward_entry(params, tokens, kernels, return_hidden):
-    return _with_kernels(kernels, forward_impl, params, tokens, return_hidden=return_hidden)
+    return with_kernels(kernels, forward_impl, params, tokens, return_hidden=return_hidden)
 
 
 # Through the executable cache: a scoring script's new process loads the program compiled.
@@ -508,7 +508,8 @@ _forward_program = CachedProgram(
 )
 
 
-def _with_kernels(kernels: str, fn, *args, **kwargs):
+def with_kernels(kernels: str, fn, *args, **kwargs):
+    """`fn` traced under kernel mode `kernels` (a static argument of the jitted programs)."""
     with ops.use_kernels(kernels):
         return fn(*args, **kwargs)
 
