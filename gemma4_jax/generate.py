@@ -58,6 +58,7 @@ def cache_spec(config: Gemma4Config, batch: int, max_len: int, dtype) -> tuple:
 
 def init_cache(params: Params, batch: int, max_len: int) -> tuple:
     """An empty cache for `batch` rows and up to `max_len` positions."""
+    inputs.check_params(params, "init_cache")
     batch = inputs.positive_int(batch, "init_cache batch")
     max_len = inputs.positive_int(max_len, "init_cache max_len")
     if max_len > params.config.context_length:
@@ -223,6 +224,7 @@ def prefill(params: Params, tokens, cache, lengths=None):
     tokens: int [B, T] (right-padded; `lengths[B]` gives each row's prompt length, default T).
     Compiled once per (T, batch, cache shape): pad T to a bucket (see `bucket_length`).
     """
+    inputs.check_params(params, "prefill")
     tokens = inputs.token_array(params, tokens, ndim=2, what="prefill tokens")
     b, t = tokens.shape
     batch, max_len = check_cache(params, cache)
@@ -262,6 +264,7 @@ def decode_step(params: Params, token, cache, pos):
     Host token ids are checked against the vocabulary; a device token is not read back (it is
     usually the last step's output) and, outside the vocabulary, gives NaN logits in its row.
     """
+    inputs.check_params(params, "decode_step")
     token = inputs.token_array(params, token, ndim=1, what="decode_step token", read_device=False)
     batch, size = check_cache(params, cache)
     if token.shape[0] != batch:
@@ -415,6 +418,8 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 
 def _as_rows(params: Params, tokens) -> list[np.ndarray]:
+    if isinstance(tokens, (str, bytes)):
+        raise InputError("tokens must be token ids, not text: encode it with model.tokenizer")
     if isinstance(tokens, (np.ndarray, jax.Array)):
         arr = np.asarray(tokens)
         if arr.ndim == 1:
@@ -447,10 +452,10 @@ def _default_max_len(config: Gemma4Config, need: int) -> int:
 
 
 def _prepare(params, tokens, max_new_tokens, max_len, buckets, stop_tokens):
+    inputs.check_params(params, "generate")
     c = params.config
     rows = _as_rows(params, tokens)
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    max_new_tokens = inputs.positive_int(max_new_tokens, "max_new_tokens")
     longest = max(len(r) for r in rows)
     need = longest + max_new_tokens
     if need > c.context_length:
@@ -458,7 +463,10 @@ def _prepare(params, tokens, max_new_tokens, max_len, buckets, stop_tokens):
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
             f"{need} exceeds the model's context of {c.context_length} tokens"
         )
-    max_len = _default_max_len(c, need) if max_len is None else int(max_len)
+    if max_len is None:
+        max_len = _default_max_len(c, need)
+    else:
+        max_len = inputs.positive_int(max_len, "max_len")
     if need > max_len:
         raise InputError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
@@ -466,20 +474,17 @@ def _prepare(params, tokens, max_new_tokens, max_len, buckets, stop_tokens):
         )
     if max_len > c.context_length:
         raise InputError(f"max_len={max_len} exceeds the model's context ({c.context_length})")
-    buckets = (
-        default_buckets(max_len)
-        if buckets is None
-        else tuple(b for b in buckets if b <= max_len) + (max_len,)
-    )
+    if buckets is None:
+        buckets = default_buckets(max_len)
+    else:
+        buckets = [inputs.positive_int(b, "prefill bucket") for b in buckets]
+        buckets = tuple(b for b in buckets if b <= max_len) + (max_len,)
     t = bucket_length(longest, buckets)
     padded = np.full((len(rows), t), c.pad_id, np.int32)
     for i, r in enumerate(rows):
         padded[i, : len(r)] = r
     lengths = np.array([len(r) for r in rows], np.int32)
-    stops = c.stop_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
-    for s in stops:
-        if not 0 <= s < c.vocab_size:
-            raise InputError(f"stop token {s} is outside the vocabulary [0, {c.vocab_size})")
+    stops = inputs.stop_ids(c.stop_ids if stop_tokens is None else stop_tokens, c.vocab_size)
     return padded, lengths, max_len, stops
 
 
@@ -503,13 +508,17 @@ def generate_stream(
     """
     import time
 
-    sampler = Greedy() if sampler is None else sampler
-    key = prng_key(0) if key is None else key
     padded, lengths, max_len, stops = _prepare(
         params, tokens, max_new_tokens, max_len, buckets, stop_tokens
     )
+    sampler = Greedy() if sampler is None else sampler
+    inputs.check_sampler(sampler)
+    if key is None:
+        key = prng_key(0)
+    else:
+        inputs.check_prng_key(key)
     b = padded.shape[0]
-    chunk = max_new_tokens if chunk is None else max(1, int(chunk))
+    chunk = max_new_tokens if chunk is None else inputs.positive_int(chunk, "chunk")
     t0 = time.perf_counter()
     cache = init_cache(params, b, max_len)
     # _prepare checked the prompts; the lengths go to the device once for both programs.

@@ -20,7 +20,81 @@ import numpy as np
 from .errors import InputError
 from .params import Params
 
-__all__ = ["check_ids_in_vocab", "int32_array", "positive_int", "row_values", "token_array"]
+__all__ = [
+    "check_ids_in_vocab",
+    "check_params",
+    "check_prng_key",
+    "check_sampler",
+    "int32_array",
+    "positive_int",
+    "row_values",
+    "stop_ids",
+    "token_array",
+]
+
+
+def check_params(params, what: str) -> None:
+    """`params` must be the model's `Params` (a common slip: the `Model` that `load` returns)."""
+    if isinstance(params, Params):
+        return
+    hint = (
+        ": pass model.params (the Model that load() returns holds them)"
+        if isinstance(getattr(params, "params", None), Params)
+        else " (gemma4_jax.load(path).params)"
+    )
+    raise InputError(f"{what} takes the model's Params, got {type(params).__name__}{hint}")
+
+
+def check_prng_key(key) -> None:
+    """A `jax.random` key: a typed key (`jax.random.key`) or raw uint32 key data
+    (`jax.random.PRNGKey`). Tracers pass: a caller's own jit checks its own."""
+    if isinstance(key, jax.core.Tracer):
+        return
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape == ():
+            return
+    elif dtype == np.uint32 and np.ndim(key) == 1:
+        return
+    shown = f"{dtype} {np.shape(key)}" if dtype is not None else type(key).__name__
+    raise InputError(
+        f"key must be one jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
+        f"got {shown}"
+    )
+
+
+def check_sampler(sampler) -> None:
+    """Samplers are static arguments of the generation programs: callable and hashable."""
+    try:
+        hash(sampler)
+    except TypeError:
+        hashable = False
+    else:
+        hashable = True
+    if not (callable(sampler) and hashable):
+        raise InputError(
+            f"sampler must be a gemma4_jax.sampling sampler (Greedy(), TopP(0.95), ...), a "
+            f"hashable callable (logits, key) -> tokens; got {sampler!r}"
+        )
+
+
+def stop_ids(stop_tokens, vocab_size: int) -> tuple[int, ...]:
+    """`stop_tokens` (token ids) as a tuple, each checked against the vocabulary."""
+    if isinstance(stop_tokens, (str, bytes)):
+        raise InputError(
+            f"stop_tokens takes token ids, got the text {stop_tokens!r} (ids: "
+            f"model.tokenizer.token_to_id(...), or a run config's stop_tokens)"
+        )
+    if isinstance(stop_tokens, (int, np.integer)):
+        stop_tokens = (stop_tokens,)
+    out = []
+    for s in stop_tokens:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise InputError(f"stop_tokens must be token ids (ints), got {s!r}")
+        if not 0 <= s < vocab_size:
+            raise InputError(f"stop token {s} is outside the vocabulary [0, {vocab_size})")
+        out.append(int(s))
+    return tuple(out)
 
 
 def token_array(

@@ -523,6 +523,7 @@ def forward(params: Params, tokens, *, return_hidden: bool | str = False) -> jax
     layer, float32 [L, B, T, D] (entry -1 equals `return_hidden=True`): per-layer activations
     come out of the same jitted scan as scan outputs.
     """
+    inputs.check_params(params, "forward")
     if return_hidden not in (False, True, "layers"):
         raise InputError(f"return_hidden={return_hidden!r}: expected False, True or 'layers'")
     tokens = inputs.token_array(params, tokens, ndim=2, what="tokens")

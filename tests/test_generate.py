@@ -178,6 +178,42 @@ def test_context_errors(fixtures_dir):
         g4.generate(model.params, [[]], max_new_tokens=2)
 
 
+def test_generate_names_bad_arguments(fixtures_dir):
+    """generate's other arguments: each mistake is an InputError naming it, found before
+    anything is traced (not a TypeError from inside JAX or numpy)."""
+    model, _ = load_fixture(fixtures_dir, "e4b_tiny")
+    p = [[1, 2, 3]]
+    cases = [
+        (dict(params=model), "takes the model's Params, got Model: pass model.params"),
+        (dict(tokens="hello"), "token ids, not text"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an int >= 1, got 2.5"),
+        (dict(max_len="64"), "max_len must be an int >= 1"),
+        (dict(buckets=[0, 64]), "prefill bucket must be an int >= 1, got 0"),
+        (dict(stop_tokens="<eos>"), "stop_tokens takes token ids, got the text '<eos>'"),
+        (dict(stop_tokens=[1.0]), r"stop_tokens must be token ids \(ints\), got 1.0"),
+        (dict(stop_tokens=[model.config.vocab_size]), "stop token .* outside the vocabulary"),
+        (dict(key=5), "key must be one jax.random key"),
+        (dict(key=jax.random.split(jax.random.key(0), 2)), r"got key<fry> \(2,\)"),
+        (dict(sampler="greedy"), "sampler must be a gemma4_jax.sampling sampler"),
+    ]
+    for change, message in cases:
+        kwargs = dict(params=model.params, tokens=p, max_new_tokens=2) | change
+        with pytest.raises(g4.InputError, match=message):
+            g4.generate(**kwargs)
+    with pytest.raises(g4.InputError, match="chunk must be an int >= 1, got 0"):
+        next(g4.generate_stream(model.params, p, max_new_tokens=2, chunk=0))
+
+
+def test_generate_takes_typed_and_raw_keys(fixtures_dir):
+    # jax.random.key (typed) and jax.random.PRNGKey (raw uint32 data) of one seed: same tokens.
+    model, _ = load_fixture(fixtures_dir, "e4b_tiny")
+    runs = [
+        g4.generate(model.params, [[1, 2, 3]], max_new_tokens=4, sampler=g4.TopK(8), key=k)
+        for k in (jax.random.key(3), jax.random.PRNGKey(3))
+    ]
+    np.testing.assert_array_equal(runs[0].tokens[0], runs[1].tokens[0])
+
+
 def _bad_step_calls(params, v):
     """(call, message) pairs: each call to the functional API must raise InputError(message)."""
     import jax.numpy as jnp
@@ -210,6 +246,10 @@ def _bad_step_calls(params, v):
         (lambda: g4.init_cache(params, 1, 2.5), "max_len must be an int >= 1"),
         (lambda: g4.init_cache(params, 1, 10**9), "exceeds the model's context"),
         (lambda: g4.forward(params, "hello"), r"int array \[batch, time\], got <U5"),
+        (lambda: g4.forward({"w": 1}, tok), "forward takes the model's Params, got dict"),
+        (lambda: g4.init_cache(None, 1, 32), "init_cache takes the model's Params"),
+        (lambda: g4.prefill([], tok, c1()), "prefill takes the model's Params"),
+        (lambda: g4.decode_step((), [5], c1(), [3]), "decode_step takes the model's Params"),
     ]
 
 
