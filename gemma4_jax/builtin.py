@@ -590,10 +590,17 @@ def _use_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
+# What llama-quantize gives a tensor whose rows are too short for the K-quant it chose (its
+# `convert_incompatible_tensor` fallback); F16 where even 32 does not divide the row.
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
 def _ggml_type(name: str, layer: int | None, k: int, n_layers: int, quant: str) -> str:
     """The ggml type llama.cpp's tools would give a matrix: the converter for F32/F16/BF16,
     llama-quantize (approximated for the K mixes) for the rest. Matrices whose row length is
-    not a multiple of the block fall back, as llama-quantize does, to Q8_0 or F16."""
+    not a multiple of the block fall back as llama-quantize does: a K-quant to `_K_FALLBACK`
+    (26B-A4B's ffn_down, K = 2112, and ffn_down_exps, K = 704, are Q5_0 / Q8_0 in a real Q4_K_M
+    file), then to F16."""
     if quant in ("F32", "F16", "BF16"):
         return "F32" if name.startswith("ffn_gate_inp") else quant
     if name in ("per_layer_model_proj", "ffn_gate_inp"):
@@ -611,9 +618,9 @@ def _ggml_type(name: str, layer: int | None, k: int, n_layers: int, quant: str) 
             t = "Q6_K"
         else:
             t = "Q4_K" if quant == "Q4_K_M" else "Q5_K"
-    if k % (256 if t.endswith("_K") else 32):
-        t = "Q8_0" if k % 32 == 0 else "F16"
-    return t
+    if t.endswith("_K") and k % 256:
+        t = _K_FALLBACK[t]
+    return "F16" if k % 32 else t
 
 
 def tensor_plan(spec: TinySpec, quant: str = "Q8_0") -> list[TensorPlan]:
@@ -730,11 +737,20 @@ def synthesize_blocks(gtype: str, n_blocks: int, std: float, rng) -> np.ndarray:
         return out
     # q - 8 (Q4_0) and q - 32 (Q6_K) have mean -0.5: a random sign on the scale (both are
     # signed, and ggml's own quantizers make negative ones) cancels that bias.
-    if gtype == "Q4_0":  # d f16 | 32 nibbles, value d * (q - 8); std(q) = 4.61
+    if gtype in ("Q4_0", "Q5_0"):  # d f16 | (qh[4]) | 16 bytes of nibbles, value d * (q - 2^(b-1))
+        std_q, size = (4.61, 18) if gtype == "Q4_0" else (9.23, 22)  # std of q uniform in [0, 2^b)
         sign = rng.integers(0, 2, n_blocks) * 2 - 1
-        out = np.empty((n_blocks, 18), u8)
-        out[:, :2] = _f16(sign * (std / 4.61))
-        out[:, 2:] = rng.integers(0, 256, (n_blocks, 16), u8)
+        out = np.empty((n_blocks, size), u8)
+        out[:, :2] = _f16(sign * (std / std_q))
+        out[:, 2:] = rng.integers(0, 256, (n_blocks, size - 2), u8)
+        return out
+    if gtype in ("Q4_1", "Q5_1"):  # d f16 | m f16 | (qh[4]) | nibbles, value d * q + m
+        mean_q, std_q, size = (7.5, 4.61, 20) if gtype == "Q4_1" else (15.5, 9.23, 24)
+        d = std / std_q
+        out = np.empty((n_blocks, size), u8)
+        out[:, :2] = _f16(d)
+        out[:, 2:4] = _f16(-mean_q * d)  # m cancels the codes' mean
+        out[:, 4:] = rng.integers(0, 256, (n_blocks, size - 4), u8)
         return out
     sc = rng.integers(16, 64, (n_blocks, 16 if gtype == "Q6_K" else 8), u8)
     rms_sc = 41.5  # sqrt(mean(sc^2)) for sc uniform in [16, 63]

@@ -29,7 +29,7 @@ from . import quant
 
 __all__ = ["FORMATS", "matvec", "supports"]
 
-FORMATS = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 def supports(x: jax.Array, w: quant.QTensor) -> bool:
@@ -79,6 +79,49 @@ def _q4_0(x, w):
     lo = d * (_f32(qs & 0x0F) - 8.0)
     hi = d * (_f32(qs >> 4) - 8.0)
     return _sum(lo * xs[:, 0] + hi * xs[:, 1])
+
+
+def _q32_high_bits(w, nb):
+    """Q5_0/Q5_1: the 5th bits `[N, nb, 2, 16]` of elements i (half 0) and i + 16 (half 1),
+    i.e. of qs byte i's low and high nibble: bit i of qh's four bytes as a little-endian word."""
+    qh = _rows(w.qh, nb, 2, 2, 1)  # [N, nb, half, byte, 1]
+    bits = (qh >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [N, nb, half, byte, bit]
+    return bits.reshape(*bits.shape[:3], 16)
+
+
+def _q4_1(x, w):
+    # Q4_0's nibble order, value d * q + m.
+    nb = w.shape[1] // 32
+    qs = _rows(w.qs, nb, 16)
+    d, m = _f32(_rows(w.d, nb, 1)), _f32(_rows(w.m, nb, 1))
+    xs = x.reshape(nb, 2, 16)
+    lo = d * _f32(qs & 0x0F) + m
+    hi = d * _f32(qs >> 4) + m
+    return _sum(lo * xs[:, 0] + hi * xs[:, 1])
+
+
+def _q5_codes(w, nb):
+    """Q5_0/Q5_1 5-bit codes of qs byte i's low / high nibble (elements i, i + 16) as f32."""
+    qs = _rows(w.qs, nb, 16)
+    qh = _q32_high_bits(w, nb)
+    return _f32((qs & 0x0F) | (qh[:, :, 0] << 4)), _f32((qs >> 4) | (qh[:, :, 1] << 4))
+
+
+def _q5_0(x, w):
+    # Value d * (q - 16); the offset in f32 (exact), as for Q6_K below.
+    nb = w.shape[1] // 32
+    q_lo, q_hi = _q5_codes(w, nb)
+    d = _f32(_rows(w.d, nb, 1))
+    xs = x.reshape(nb, 2, 16)
+    return _sum(d * (q_lo - 16.0) * xs[:, 0] + d * (q_hi - 16.0) * xs[:, 1])
+
+
+def _q5_1(x, w):
+    nb = w.shape[1] // 32
+    q_lo, q_hi = _q5_codes(w, nb)
+    d, m = _f32(_rows(w.d, nb, 1)), _f32(_rows(w.m, nb, 1))
+    xs = x.reshape(nb, 2, 16)
+    return _sum((d * q_lo + m) * xs[:, 0] + (d * q_hi + m) * xs[:, 1])
 
 
 def _k_scales(w, nb):
@@ -142,4 +185,13 @@ def _q6_k(x, w):
     return _sum(acc)
 
 
-_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_KERNELS = {
+    "Q8_0": _q8_0,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}

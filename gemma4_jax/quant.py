@@ -53,7 +53,10 @@ __all__ = [
     "F16",
     "F32",
     "Q4_0",
+    "Q4_1",
     "Q4_K",
+    "Q5_0",
+    "Q5_1",
     "Q5_K",
     "Q6_K",
     "Q8_0",
@@ -68,7 +71,19 @@ __all__ = [
 
 QK_K = 256  # elements per K-quant super-block
 
-SUPPORTED_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES: tuple[str, ...] = (
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+)
 
 
 class UnsupportedTensorType(GGUFError):
@@ -228,7 +243,8 @@ def _split_blocks(x: jax.Array, width: int) -> jax.Array:
 def _nibbles(x: jax.Array) -> jax.Array:
     """`[..., c, w]` bytes -> `[..., c, 2, w]`: low nibbles first, then high nibbles.
 
-    This is ggml's order in Q4_0 (w=16), Q4_K/Q5_K (w=32) and Q6_K's low bits (w=64).
+    This is ggml's order in Q4_0/Q4_1/Q5_0/Q5_1 (w=16), Q4_K/Q5_K (w=32) and Q6_K's low bits
+    (w=64).
     """
     return jnp.stack([x & 0x0F, x >> 4], axis=-2)
 
@@ -335,12 +351,112 @@ class Q4_0(QTensor):
         return _flat_field(b, 2, 18, xp=xp), _f16_field(b, 0, xp)
 
     def _dequantize_f32(self):
-        qs = _split_blocks(jnp.asarray(self.qs), 16)  # [..., nb, 16]
-        q = _nibbles(qs).reshape(*qs.shape[:-1], 32)  # [..., nb, 32]
-        q = q.astype(jnp.int8) - jnp.int8(8)
+        q = _q32_codes(self.qs).astype(jnp.int8) - jnp.int8(8)  # [..., nb, 32]
         d = jnp.asarray(self.d).astype(jnp.float32)
         x = d[..., None] * q.astype(jnp.float32)
         return x.reshape(self.shape)
+
+
+# Q4_1, Q5_0 and Q5_1 rarely make up a whole file, but llama-quantize falls back to them: a
+# K-quant needs rows that are a multiple of 256, so in a Q4_K_M (Q5_K_M) mix a tensor with
+# shorter rows becomes Q5_0 (Q5_1), e.g. 26B-A4B's ffn_down (K = 2112) and its experts'
+# ffn_down_exps (K = 704). All three keep ggml's element order inside a block: byte i of qs
+# holds element i in its low nibble and element i + 16 in its high nibble; bit i of qh (four
+# bytes read as a little-endian uint32) is the 5th bit of element i.
+def _q32_codes(qs) -> jax.Array:
+    """qs `[..., K/2]` -> the 4-bit codes of 32-element blocks in element order, `[..., nb, 32]`."""
+    qs = _split_blocks(jnp.asarray(qs), 16)  # [..., nb, 16]
+    return _nibbles(qs).reshape(*qs.shape[:-1], 32)
+
+
+def _q32_high_bits(qh) -> jax.Array:
+    """qh `[..., K/8]` (4 bytes per block) -> the 5th bits `[..., nb, 32]`, element order."""
+    qh = _split_blocks(jnp.asarray(qh), 4)  # [..., nb, 4]
+    bits = (qh[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [..., nb, 4, 8]
+    return bits.reshape(*qh.shape[:-1], 32)
+
+
+def _block_scale(a) -> jax.Array:
+    """A per-block f16 field `[..., nb]` as f32 `[..., nb, 1]`."""
+    return jnp.asarray(a).astype(jnp.float32)[..., None]
+
+
+@_register
+class Q4_1(QTensor):
+    """Block of 32: `x = d * q + m`, q 4-bit. `qs uint8 [..., N, K/2]` (as Q4_0), `d, m f16
+    [..., N, K/32]`. (`d * q` is exact in f32, so the one rounding is the add, with or without
+    an FMA.)"""
+
+    ggml_type: ClassVar[str] = "Q4_1"
+    qs: jax.Array
+    d: jax.Array
+    m: jax.Array
+
+    @property
+    def shape(self):
+        return (*self.qs.shape[:-1], self.qs.shape[-1] * 2)
+
+    @classmethod
+    def _split(cls, b, xp):
+        # ggml block_q4_1: d f16 | m f16 | qs uint8[16]
+        return _flat_field(b, 4, 20, xp=xp), _f16_field(b, 0, xp), _f16_field(b, 2, xp)
+
+    def _dequantize_f32(self):
+        q = _q32_codes(self.qs).astype(jnp.float32)
+        return (_block_scale(self.d) * q + _block_scale(self.m)).reshape(self.shape)
+
+
+@_register
+class Q5_0(QTensor):
+    """Block of 32: `x = d * (q - 16)`, q 5-bit. `qs uint8 [..., N, K/2]` (low 4 bits, as
+    Q4_0), `qh uint8 [..., N, K/8]` (the 5th bits, 4 bytes per block), `d f16 [..., N, K/32]`."""
+
+    ggml_type: ClassVar[str] = "Q5_0"
+    qs: jax.Array
+    qh: jax.Array
+    d: jax.Array
+
+    @property
+    def shape(self):
+        return (*self.qs.shape[:-1], self.qs.shape[-1] * 2)
+
+    @classmethod
+    def _split(cls, b, xp):
+        # ggml block_q5_0: d f16 | qh uint8[4] | qs uint8[16]
+        return _flat_field(b, 6, 22, xp=xp), _flat_field(b, 2, 6, xp=xp), _f16_field(b, 0, xp)
+
+    def _dequantize_f32(self):
+        q = (_q32_codes(self.qs) | (_q32_high_bits(self.qh) << 4)).astype(jnp.int8) - jnp.int8(16)
+        return (_block_scale(self.d) * q.astype(jnp.float32)).reshape(self.shape)
+
+
+@_register
+class Q5_1(QTensor):
+    """Block of 32: `x = d * q + m`, q 5-bit. Fields as `Q5_0` plus `m f16 [..., N, K/32]`."""
+
+    ggml_type: ClassVar[str] = "Q5_1"
+    qs: jax.Array
+    qh: jax.Array
+    d: jax.Array
+    m: jax.Array
+
+    @property
+    def shape(self):
+        return (*self.qs.shape[:-1], self.qs.shape[-1] * 2)
+
+    @classmethod
+    def _split(cls, b, xp):
+        # ggml block_q5_1: d f16 | m f16 | qh uint8[4] | qs uint8[16]
+        return (
+            _flat_field(b, 8, 24, xp=xp),
+            _flat_field(b, 4, 8, xp=xp),
+            _f16_field(b, 0, xp),
+            _f16_field(b, 2, xp),
+        )
+
+    def _dequantize_f32(self):
+        q = (_q32_codes(self.qs) | (_q32_high_bits(self.qh) << 4)).astype(jnp.float32)
+        return (_block_scale(self.d) * q + _block_scale(self.m)).reshape(self.shape)
 
 
 # ---------------------------------------------------------------------------------------------

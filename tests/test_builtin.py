@@ -348,7 +348,7 @@ def test_write_k_quants_synthesized_and_deterministic(tmp_path):
         assert abs(w.mean()) < 0.01 and w.std() == pytest.approx(QUANT_SMALL.std, rel=0.1), name
 
 
-@pytest.mark.parametrize("gtype", ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("gtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_synthesized_blocks_have_the_requested_std(gtype):
     qtype = gguf.GGMLQuantizationType[gtype]
     block, size = gguf.GGML_QUANT_SIZES[qtype]

@@ -73,8 +73,9 @@ def random_raw_blocks(fmt: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
     b = rng.integers(0, 256, (n, k // block, type_size), dtype=np.uint8)
-    offsets = {"Q8_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[fmt]
-    for off in offsets:
+    from test_quant import F16_OFFSETS
+
+    for off in F16_OFFSETS[fmt]:
         b[..., off : off + 2] = _scales(rng, b.shape[:-1]).view(np.uint8).reshape(*b.shape[:-1], 2)
     return b.reshape(n, -1)
 

@@ -51,7 +51,7 @@ def test_matches_reference(fmt, dtype, n, k, jit):
     _check(out, ref, dtype)
 
 
-@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K"])
 def test_f32_weights_are_the_dequantized_values(fmt):
     # One-hot activations pick single weights: the matvec must reproduce each dequantized value
     # exactly (same f32 operations), whatever the nibble / high-bit position.

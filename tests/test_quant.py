@@ -17,7 +17,16 @@ from gemma4_jax.errors import GGUFError
 TYPES = quant.SUPPORTED_TYPES
 DENSE = ("F32", "F16", "BF16")
 # Byte offsets of the f16 scales inside each ggml block (everything else may be random bits).
-F16_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+F16_OFFSETS = {
+    "Q8_0": (0,),
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+}
 # Fields of each type, as in docs/LAYOUT.md: name -> (dtype, elements per row per K element).
 LAYOUT = {
     "F32": {"w": (np.float32, 1)},
@@ -25,6 +34,14 @@ LAYOUT = {
     "BF16": {"w": (jnp.bfloat16, 1)},
     "Q8_0": {"qs": (np.int8, 1), "d": (np.float16, 1 / 32)},
     "Q4_0": {"qs": (np.uint8, 1 / 2), "d": (np.float16, 1 / 32)},
+    "Q4_1": {"qs": (np.uint8, 1 / 2), "d": (np.float16, 1 / 32), "m": (np.float16, 1 / 32)},
+    "Q5_0": {"qs": (np.uint8, 1 / 2), "qh": (np.uint8, 1 / 8), "d": (np.float16, 1 / 32)},
+    "Q5_1": {
+        "qs": (np.uint8, 1 / 2),
+        "qh": (np.uint8, 1 / 8),
+        "d": (np.float16, 1 / 32),
+        "m": (np.float16, 1 / 32),
+    },
     "Q4_K": {
         "qs": (np.uint8, 1 / 2),
         "d": (np.float16, 1 / 256),
@@ -306,8 +323,9 @@ def test_matmul_reference(type_name):
     assert y.shape == (2, 3, 16) and y.dtype == jnp.float32
     want = x @ w.T  # numpy f32
     # f32 accumulation of 512 products: the error relative to sum |x_k w_nk| stays far below
-    # 1e-5 (the tiny atol only covers outputs that cancel to ~0).
-    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-8 * bound.max())
+    # 1e-5 (the small atol covers outputs that cancel to ~0: with a block offset, Q4_1 and
+    # Q5_1, every block adds m * sum(x), and random m of either sign cancel often).
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6 * bound.max())
     assert np.all(np.abs(np.asarray(y, np.float64) - want) <= 1e-5 * bound)
 
     x16 = jnp.asarray(x, jnp.bfloat16)
@@ -332,7 +350,7 @@ def test_matmul_reference_rejects_bad_shapes():
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ggml_type", ["Q2_K", "IQ4_NL", "Q4_1", "Q5_0", "TQ1_0"])
+@pytest.mark.parametrize("ggml_type", ["Q2_K", "IQ4_NL", "Q8_1", "IQ4_XS", "TQ1_0"])
 def test_unsupported_type(ggml_type):
     raw = np.zeros((4, 64), np.uint8)
     with pytest.raises(quant.UnsupportedTensorType) as exc:
