@@ -14,7 +14,8 @@ Quantization mixes (`QUANTS`) follow what llama.cpp's tools write (see the fixtu
 `tensors.txt`): `q8_0` makes every matrix Q8_0; `q4_k_m` makes most Q4_K and the token and
 per-layer embeddings Q6_K, plus `attn_v` / `ffn_down` Q6_K on llama-quantize's "more bits"
 layers; `per_layer_model_proj` and the MoE router stay F32 in both; `bf16` is all BF16. Rows
-whose length is not a multiple of the block fall back to Q8_0, as llama-quantize does.
+too short for a K-quant fall back as llama-quantize does (Q4_K -> Q5_0, Q6_K -> Q8_0: 26B-A4B's
+ffn_down and ffn_down_exps). The rules are `gemma4_jax.builtin`'s, which writes such files.
 
 One difference from a llama.cpp Q4_K_M file, on purpose: the params stack each scan segment's
 layers on a leading axis, so a tensor has ONE type across the periods of its segment. Where
@@ -30,6 +31,7 @@ import functools
 import math
 from collections.abc import Iterable
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,32 +169,11 @@ def _quant_key(q: str) -> str:
 # ---------------------------------------------------------------------------- ggml types
 
 
-def _more_bits(layer: int, n_layers: int) -> bool:
-    """llama-quantize's `use_more_bits`: the layers whose attn_v / ffn_down get Q6_K in Q4_K_M."""
-    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
-
-
 def ggml_type(name: str, layer: int | None, k: int, n_layers: int, quant_mix: str) -> str:
     """The ggml type llama.cpp's converter / llama-quantize gives matrix `name` (the short GGUF
-    name: `attn_v`, `token_embd`, ...) of layer `layer` with rows of length `k`."""
-    q = _quant_key(quant_mix)
-    if name in ("ffn_gate_inp",):
-        return "F32"  # the MoE router stays F32 in every mix
-    if q == "bf16":
-        return "BF16"
-    if name == "per_layer_model_proj":
-        return "F32"  # llama-quantize leaves it as the converter wrote it (fixtures agree)
-    if q == "q8_0":
-        t = "Q8_0"
-    elif name in ("token_embd", "per_layer_token_embd", "output"):
-        t = "Q6_K"
-    elif name in ("attn_v", "ffn_down", "ffn_down_exps") and layer is not None:
-        t = "Q6_K" if _more_bits(layer, n_layers) else "Q4_K"
-    else:
-        t = "Q4_K"
-    if k % (256 if t.endswith("_K") else 32):
-        t = "Q8_0" if k % 32 == 0 else "F16"
-    return t
+    name: `attn_v`, `token_embd`, ...) of layer `layer` with rows of length `k`: the rules of
+    `gemma4_jax.builtin`, whose files the loader tests read."""
+    return builtin.llama_cpp_type(name, layer, k, n_layers, _quant_key(quant_mix).upper())
 
 
 def _short(decl: TensorDecl) -> str:
@@ -223,7 +204,8 @@ def tensor_types(config: Gemma4Config, quant_mix: str) -> dict[tuple, str]:
 
 
 def _bits(t: str) -> float:
-    return {"Q4_K": 4.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F16": 16, "BF16": 16, "F32": 32}[t]
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]]
+    return 8 * size / block
 
 
 def type_bytes(gtype: str, shape: Iterable[int]) -> int:
@@ -340,6 +322,12 @@ def random_tensor(rng, gtype: str, shape: tuple[int, ...], std: float) -> quant.
         qs = rng.as_int8(rng.bytes((*lead, k)))
         qs = xp.maximum(qs, xp.int8(-127))  # ggml's quantizer never writes -128
         return quant.Q8_0(qs=qs, d=scale(k // 32, std / 73.3))
+    if gtype == "Q5_0":
+        # value d * (q - 16), q uniform 0..31 (std 9.23); a random sign on d cancels the -0.5
+        # mean of q - 16 (ggml's quantizer makes negative scales too).
+        sign = (rng.bytes((*lead, k // 32)) & 1).astype(xp.float16) * 2 - 1
+        d = scale(k // 32, std / 9.23) * sign
+        return quant.Q5_0(qs=rng.bytes((*lead, k // 2)), qh=rng.bytes((*lead, k // 8)), d=d)
     if gtype == "Q4_K":
         # value (d * sc) * q - dmin * m, q uniform 0..15 (mean 7.5, std 4.61): dmin = 8 d and
         # m = sc * 7.5 / 8 cancel each sub-block's mean.

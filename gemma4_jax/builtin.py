@@ -595,7 +595,7 @@ def _use_more_bits(layer: int, n_layers: int) -> bool:
 _K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
-def _ggml_type(name: str, layer: int | None, k: int, n_layers: int, quant: str) -> str:
+def llama_cpp_type(name: str, layer: int | None, k: int, n_layers: int, quant: str) -> str:
     """The ggml type llama.cpp's tools would give a matrix: the converter for F32/F16/BF16,
     llama-quantize (approximated for the K mixes) for the rest. Matrices whose row length is
     not a multiple of the block fall back as llama-quantize does: a K-quant to `_K_FALLBACK`
@@ -633,7 +633,7 @@ def tensor_plan(spec: TinySpec, quant: str = "Q8_0") -> list[TensorPlan]:
 
     def mat(name, shape, layer=None, s=std, zero_row0=False):
         full = name if layer is None else f"blk.{layer}.{name}"
-        gt = _ggml_type(name, layer, shape[-1], L, quant)
+        gt = llama_cpp_type(name, layer, shape[-1], L, quant)
         out.append(TensorPlan(full + ".weight", tuple(shape), gt, "normal", s, zero_row0))
 
     def vec(name, n, layer=None, init="norm", suffix=".weight"):
@@ -905,7 +905,7 @@ def write_gemma4_gguf(
     """Write a random-weight Gemma 4 GGUF of shape `spec` to `path` (atomically).
 
     quant: the file's mix, one of `QUANTS`, chosen per tensor as llama.cpp's tools would
-      (`_ggml_type`): norms and scales stay F32.
+      (`llama_cpp_type`): norms and scales stay F32.
     synthesize: draw Q8_0/Q4_0 blocks directly instead of quantizing float draws (an order
       of magnitude faster; for real-size benchmark files). K-quant blocks are always
       synthesized (gguf-py cannot quantize them).
@@ -1053,6 +1053,7 @@ __all__ = [
     "builtin_path",
     "cache_dir",
     "is_builtin",
+    "llama_cpp_type",
     "resolve_model",
     "synthesize_blocks",
     "tensor_plan",

@@ -52,6 +52,18 @@ def test_random_params_tiny_runs_and_stays_finite(quant):
     assert np.isfinite(logits).all() and 0.5 < logits.std() < 10
 
 
+def test_26b_a4b_q4_k_m_has_llama_quantize_fallback_types():
+    # 26B-A4B's down projections have rows of 2112 (shared MLP) and 704 (experts): too short
+    # for Q4_K / Q6_K, llama-quantize writes Q5_0 / Q8_0, and so does the random model.
+    types = rm.tensor_types(rm.family_config("26b-a4b"), "q4_k_m")
+    downs = {t for (*_, name), t in types.items() if name in ("ffn_down", "experts_down")}
+    assert downs == {"Q5_0", "Q8_0"}
+    p = rm.random_params("tiny-26b-a4b", "q4_k_m", seed=2)  # experts_down K = 64: Q5_0
+    assert p.segments[0][0]["experts_down"].ggml_type == "Q5_0"
+    logits = np.asarray(g4.forward(p, np.arange(1, 9)[None]))
+    assert np.isfinite(logits).all() and 0.5 < logits.std() < 10
+
+
 def test_random_params_follow_the_declaration_at_real_sizes():
     # jax.eval_shape traces the device path without drawing anything: real shapes, no memory.
     from gemma4_jax.params import global_decls, segment_layer_decls
