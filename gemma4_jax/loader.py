@@ -113,8 +113,14 @@ def _load_layer_tensor(src: _TensorSource, layer: int, name: str, decl: TensorDe
         # Older converters write gate and up experts separately; fuse them (gate first).
         e, two_f, d = decl.shape
         half = TensorDecl(gname, (e, two_f // 2, d), decl.axes)
-        gate = src.get(f"blk.{layer}.ffn_gate_exps.weight", half)
-        up = src.get(f"blk.{layer}.ffn_up_exps.weight", half)
+        names = (f"blk.{layer}.ffn_gate_exps.weight", f"blk.{layer}.ffn_up_exps.weight")
+        gate, up = (src.get(n, half) for n in names)
+        if type(gate) is not type(up):  # one fused tensor holds one type
+            raise GGUFError(
+                f"{src.path}: {names[0]!r} and {names[1]!r} have different types "
+                f"({type(gate).__name__}, {type(up).__name__}); this loader fuses them into "
+                f"one tensor and needs them alike"
+            )
         return jax.tree.map(lambda a, b: np.concatenate([a, b], axis=-2), gate, up)
     if decl.optional and not src.has(gname):
         return np.ones(decl.shape, np.float32)

@@ -47,19 +47,21 @@ def test_wrong_architecture(fixtures_dir, tmp_path):
 
 
 def test_unsupported_tensor_type(fixtures_dir, tmp_path):
-    def to_q4_1(name, data, ttype, ne):
+    # IQ4_NL (blocks of 32, 18 bytes; a non-linear 4-bit codebook) is a ggml type this package
+    # does not read.
+    def to_iq4_nl(name, data, ttype, ne):
         if name == "blk.0.attn_q.weight":
             n_blocks = int(np.prod(ne)) // 32
-            raw = np.random.default_rng(0).integers(0, 255, (ne[1], ne[0] // 32 * 20), np.uint8)
-            assert raw.size == n_blocks * 20
-            return raw, gguf.GGMLQuantizationType.Q4_1, ne
+            raw = np.random.default_rng(0).integers(0, 255, (ne[1], ne[0] // 32 * 18), np.uint8)
+            assert raw.size == n_blocks * 18
+            return raw, gguf.GGMLQuantizationType.IQ4_NL, ne
         return data, ttype, ne
 
-    out = rewrite(fixtures_dir / SRC, tmp_path / "q41.gguf", edit_tensor=to_q4_1)
-    with pytest.raises(g4.GGUFError, match="Q4_1") as e:
+    out = rewrite(fixtures_dir / SRC, tmp_path / "iq4nl.gguf", edit_tensor=to_iq4_nl)
+    with pytest.raises(g4.GGUFError, match="IQ4_NL") as e:
         g4.load(out)
     msg = str(e.value)
-    assert "blk.0.attn_q.weight" in msg and "Q8_0" in msg and "Q4_K" in msg  # lists supported
+    assert "blk.0.attn_q.weight" in msg and "Q8_0" in msg and "Q5_0" in msg  # lists supported
 
 
 def test_missing_tensor(fixtures_dir, tmp_path):

@@ -127,6 +127,43 @@ def test_invalid_tokens_rejected(fixtures_dir):
         g4.forward(model.params, np.array([1, 2, 3]))
 
 
+def _split_experts(fixtures_dir, tmp_path, up_type=None):
+    """moe_tiny with ffn_gate_up_exps written as ffn_gate_exps + ffn_up_exps (older
+    converters), up optionally requantized to `up_type`."""
+    import gguf
+    from gguf_edit import rewrite
+
+    def split(name, data, ttype, ne):
+        if not name.endswith("ffn_gate_up_exps.weight"):
+            return None
+        e, two_f, d = reversed(ne)
+        w = data.reshape(e, two_f, d)
+        half = [ne[0], two_f // 2, e]
+        gate, up = (np.ascontiguousarray(a) for a in np.split(w, 2, axis=1))
+        up_t = ttype
+        if up_type is not None:
+            up_t = gguf.GGMLQuantizationType[up_type]
+            up = gguf.quants.quantize(up, up_t)
+        return [
+            (name.replace("gate_up", "gate"), gate, ttype, half),
+            (name.replace("gate_up", "up"), up, up_t, half),
+        ]
+
+    src = fixtures_dir / "moe_tiny" / "model.gguf"
+    return rewrite(src, tmp_path / "split.gguf", split_tensor=split)
+
+
+def test_separate_gate_and_up_experts_load_fused(fixtures_dir, tmp_path):
+    model, ref = load_fixture(fixtures_dir, "moe_tiny")
+    split = g4.load(_split_experts(fixtures_dir, tmp_path))
+    prompt = ref["prompt_0"][None]
+    np.testing.assert_array_equal(
+        np.asarray(g4.forward(split.params, prompt)), np.asarray(g4.forward(model.params, prompt))
+    )
+    with pytest.raises(g4.GGUFError, match="ffn_up_exps.weight' have different types"):
+        g4.load(_split_experts(fixtures_dir, tmp_path, up_type="Q8_0"))
+
+
 def test_moe_reference_chunks_long_prompts(fixtures_dir, monkeypatch):
     """The reference all-experts path runs long prompts in token chunks (bounded memory): the
     logits are those of the one-piece computation."""
