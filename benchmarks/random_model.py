@@ -282,6 +282,10 @@ class _DeviceRng:
     def as_int8(u8):
         return jax.lax.bitcast_convert_type(u8, jnp.int8)
 
+    @staticmethod
+    def as_uint32(u8):  # [..., 4] bytes -> [...] little-endian words
+        return jax.lax.bitcast_convert_type(u8, jnp.uint32)
+
 
 class _HostRng:
     """The same draws with numpy (no compilation at all: the CPU path, where XLA would spend
@@ -306,6 +310,10 @@ class _HostRng:
     def as_int8(u8):
         return u8.view(np.int8)
 
+    @staticmethod
+    def as_uint32(u8):
+        return np.ascontiguousarray(u8).view("<u4")[..., 0]
+
 
 def random_tensor(rng, gtype: str, shape: tuple[int, ...], std: float) -> quant.QTensor:
     """A `gtype` tensor of logical shape `(..., N, K)` whose dequantized values have mean ~0 and
@@ -327,7 +335,8 @@ def random_tensor(rng, gtype: str, shape: tuple[int, ...], std: float) -> quant.
         # mean of q - 16 (ggml's quantizer makes negative scales too).
         sign = (rng.bytes((*lead, k // 32)) & 1).astype(xp.float16) * 2 - 1
         d = scale(k // 32, std / 9.23) * sign
-        return quant.Q5_0(qs=rng.bytes((*lead, k // 2)), qh=rng.bytes((*lead, k // 8)), d=d)
+        qh = rng.as_uint32(rng.bytes((*lead, k // 32, 4)))
+        return quant.Q5_0(qs=rng.bytes((*lead, k // 2)), qh=qh, d=d)
     if gtype == "Q4_K":
         # value (d * sc) * q - dmin * m, q uniform 0..15 (mean 7.5, std 4.61): dmin = 8 d and
         # m = sc * 7.5 / 8 cancel each sub-block's mean.

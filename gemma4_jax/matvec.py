@@ -82,11 +82,11 @@ def _q4_0(x, w):
 
 
 def _q32_high_bits(w, nb):
-    """Q5_0/Q5_1: the 5th bits `[N, nb, 2, 16]` of elements i (half 0) and i + 16 (half 1),
-    i.e. of qs byte i's low and high nibble: bit i of qh's four bytes as a little-endian word."""
-    qh = _rows(w.qh, nb, 2, 2, 1)  # [N, nb, half, byte, 1]
-    bits = (qh >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [N, nb, half, byte, bit]
-    return bits.reshape(*bits.shape[:3], 16)
+    """Q5_0/Q5_1: the 5th bits `[N, nb, 2, 16]` (uint8) of elements i (half 0) and i + 16
+    (half 1), i.e. of qs byte i's low and high nibble: bit 16 * half + i of the block's qh."""
+    qh = _rows(w.qh, nb, 1, 1)  # [N, nb, 1, 1] uint32
+    shift = jnp.arange(32, dtype=jnp.uint32).reshape(2, 16)
+    return ((qh >> shift) & 1).astype(jnp.uint8)
 
 
 def _q4_1(x, w):

@@ -228,6 +228,14 @@ def _flat_field(blocks, start: int, stop: int, dtype=np.uint8, xp=np):
     return f.reshape(*f.shape[:-2], -1)
 
 
+def _u32_field(blocks, start: int, xp=np):
+    """The little-endian uint32 at byte `start` of every block: `[..., nb, type_size]` ->
+    `[..., nb]` (as `_f16_field`; ggml reads Q5_0/Q5_1's `qh[4]` with a memcpy into a uint32)."""
+    if xp is np:
+        return np.ascontiguousarray(blocks[..., start : start + 4]).view("<u4")[..., 0]
+    return jax.lax.bitcast_convert_type(blocks[..., start : start + 4], jnp.uint32)
+
+
 def _blocks(raw, shape: tuple[int, ...], block_size: int, type_size: int):
     """Raw bytes as `[..., N, K / block_size, type_size]` blocks (numpy: a view, no copy)."""
     if isinstance(raw, np.ndarray):
@@ -361,8 +369,8 @@ class Q4_0(QTensor):
 # K-quant needs rows that are a multiple of 256, so in a Q4_K_M (Q5_K_M) mix a tensor with
 # shorter rows becomes Q5_0 (Q5_1), e.g. 26B-A4B's ffn_down (K = 2112) and its experts'
 # ffn_down_exps (K = 704). All three keep ggml's element order inside a block: byte i of qs
-# holds element i in its low nibble and element i + 16 in its high nibble; bit i of qh (four
-# bytes read as a little-endian uint32) is the 5th bit of element i.
+# holds element i in its low nibble and element i + 16 in its high nibble; bit i of qh (ggml's
+# four bytes, kept as one little-endian uint32 per block) is the 5th bit of element i.
 def _q32_codes(qs) -> jax.Array:
     """qs `[..., K/2]` -> the 4-bit codes of 32-element blocks in element order, `[..., nb, 32]`."""
     qs = _split_blocks(jnp.asarray(qs), 16)  # [..., nb, 16]
@@ -370,10 +378,10 @@ def _q32_codes(qs) -> jax.Array:
 
 
 def _q32_high_bits(qh) -> jax.Array:
-    """qh `[..., K/8]` (4 bytes per block) -> the 5th bits `[..., nb, 32]`, element order."""
-    qh = _split_blocks(jnp.asarray(qh), 4)  # [..., nb, 4]
-    bits = (qh[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [..., nb, 4, 8]
-    return bits.reshape(*qh.shape[:-1], 32)
+    """qh `[..., nb]` (a uint32 per block) -> the 5th bits `[..., nb, 32]` (uint8), in element
+    order."""
+    bits = (jnp.asarray(qh)[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return bits.astype(jnp.uint8)
 
 
 def _block_scale(a) -> jax.Array:
@@ -409,7 +417,7 @@ class Q4_1(QTensor):
 @_register
 class Q5_0(QTensor):
     """Block of 32: `x = d * (q - 16)`, q 5-bit. `qs uint8 [..., N, K/2]` (low 4 bits, as
-    Q4_0), `qh uint8 [..., N, K/8]` (the 5th bits, 4 bytes per block), `d f16 [..., N, K/32]`."""
+    Q4_0), `qh uint32 [..., N, K/32]` (bit i: the 5th bit of element i), `d f16 [..., N, K/32]`."""
 
     ggml_type: ClassVar[str] = "Q5_0"
     qs: jax.Array
@@ -423,7 +431,7 @@ class Q5_0(QTensor):
     @classmethod
     def _split(cls, b, xp):
         # ggml block_q5_0: d f16 | qh uint8[4] | qs uint8[16]
-        return _flat_field(b, 6, 22, xp=xp), _flat_field(b, 2, 6, xp=xp), _f16_field(b, 0, xp)
+        return _flat_field(b, 6, 22, xp=xp), _u32_field(b, 2, xp), _f16_field(b, 0, xp)
 
     def _dequantize_f32(self):
         q = (_q32_codes(self.qs) | (_q32_high_bits(self.qh) << 4)).astype(jnp.int8) - jnp.int8(16)
@@ -449,7 +457,7 @@ class Q5_1(QTensor):
         # ggml block_q5_1: d f16 | m f16 | qh uint8[4] | qs uint8[16]
         return (
             _flat_field(b, 8, 24, xp=xp),
-            _flat_field(b, 4, 8, xp=xp),
+            _u32_field(b, 4, xp),
             _f16_field(b, 0, xp),
             _f16_field(b, 2, xp),
         )

@@ -35,10 +35,10 @@ LAYOUT = {
     "Q8_0": {"qs": (np.int8, 1), "d": (np.float16, 1 / 32)},
     "Q4_0": {"qs": (np.uint8, 1 / 2), "d": (np.float16, 1 / 32)},
     "Q4_1": {"qs": (np.uint8, 1 / 2), "d": (np.float16, 1 / 32), "m": (np.float16, 1 / 32)},
-    "Q5_0": {"qs": (np.uint8, 1 / 2), "qh": (np.uint8, 1 / 8), "d": (np.float16, 1 / 32)},
+    "Q5_0": {"qs": (np.uint8, 1 / 2), "qh": (np.uint32, 1 / 32), "d": (np.float16, 1 / 32)},
     "Q5_1": {
         "qs": (np.uint8, 1 / 2),
-        "qh": (np.uint8, 1 / 8),
+        "qh": (np.uint32, 1 / 32),
         "d": (np.float16, 1 / 32),
         "m": (np.float16, 1 / 32),
     },
