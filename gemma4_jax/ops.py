@@ -376,6 +376,10 @@ def matmuls(
     return [matmul(x, w) if y is None else y for y, w in zip(out, ws, strict=True)]
 
 
+# The formats the dispatch sends to the Pallas matmul kernels. The kernels also take Q4_1, Q5_0
+# and Q5_1 (qtiles; tested in interpret mode and through the CUDA lowering on the CPU), which are
+# routed here only once they have been compiled and checked on a GPU: until then they take the
+# jnp path in every mode (MoE prefill: the all-experts path; batch 1 in `auto`: matvec.py).
 _PALLAS_MATMUL_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 
 

@@ -10,6 +10,9 @@ fmt     B   S   R   run j of a block
 =====  ===  ==  ==  ==========================================================================
 Q8_0    32   1  32  ``d * qs[0:32]``
 Q4_0    32   2  16  ``d * (nibble j of qs[0:16] - 8)``
+Q4_1    32   2  16  ``d * nibble j of qs[0:16] + m``
+Q5_0    32   2  16  ``d * ((nibble j of qs[0:16] | 16 * bit 16j + i of qh) - 16)``
+Q5_1    32   2  16  ``d * (nibble j of qs[0:16] | 16 * bit 16j + i of qh) + m``
 Q4_K   256   8  32  ``(d*sc[j]) * nibble (j%2) of qs chunk j//2 - dmin*m[j]``
 Q5_K   256   8  32  as Q4_K, plus ``16 * bit j of qh[0:32]``
 Q6_K   256   8  32  ``(d*sc[2j + i//16]) * (nibble (j%4)//2 of ql[64(j//4) + 32(j%2) + i]``
@@ -33,8 +36,8 @@ then one ``prmt`` per element); the jnp formulation of the same bits, which inte
 uses, lowers through LLVM to ~4 integer instructions per element instead of ~1.3.
 
 Every product here is exact in f32 (f16 scale x 6-bit sub-scale x <= 8-bit code fits in 24
-bits), so ``scale * q - min`` rounds once whether or not the compiler fuses it into an FMA and
-the kernels' f32 weights are bit-identical to ``gguf.quants.dequantize``.
+bits), so ``scale * q - min`` (or ``d * q + m``) rounds once whether or not the compiler fuses
+it into an FMA and the kernels' f32 weights are bit-identical to ``gguf.quants.dequantize``.
 
 ``field_views`` gives each field the block axis (``[..., N, K/B, ...]``, a free reshape);
 ``tile_runs`` reads one tile of runs from those views (refs inside a kernel, or plain arrays);
@@ -99,11 +102,15 @@ class QFormat:
         return self.block // self.runs
 
 
-_U8, _I8, _F16 = jnp.uint8, jnp.int8, jnp.float16
+_U8, _I8, _U32, _F16 = jnp.uint8, jnp.int8, jnp.uint32, jnp.float16
+_Q32_NIBBLES = {"qs": (_U8, 16, (16,)), "d": (_F16, 1, ())}  # Q4_0 and its 32-element kin
 
 FORMATS: dict[str, QFormat] = {
     "Q8_0": QFormat("Q8_0", 32, 1, {"qs": (_I8, 32, (32,)), "d": (_F16, 1, ())}, 8.5),
-    "Q4_0": QFormat("Q4_0", 32, 2, {"qs": (_U8, 16, (16,)), "d": (_F16, 1, ())}, 4.5),
+    "Q4_0": QFormat("Q4_0", 32, 2, _Q32_NIBBLES, 4.5),
+    "Q4_1": QFormat("Q4_1", 32, 2, {**_Q32_NIBBLES, "m": (_F16, 1, ())}, 5.0),
+    "Q5_0": QFormat("Q5_0", 32, 2, {**_Q32_NIBBLES, "qh": (_U32, 1, ())}, 5.5),
+    "Q5_1": QFormat("Q5_1", 32, 2, {**_Q32_NIBBLES, "qh": (_U32, 1, ()), "m": (_F16, 1, ())}, 6.0),
     "Q4_K": QFormat(
         "Q4_K",
         256,
@@ -327,6 +334,25 @@ def _runs_q4_0(refs, ix, asm, want):
     return [_codes(q, bias=8, nibble=s, asm=asm) * d for s in want]
 
 
+def _runs_q45_01(refs, ix, asm, want, *, fifth_bit: bool, offset: bool):
+    """Q4_1 (offset), Q5_0 (fifth_bit) and Q5_1 (both): Q4_0's nibble runs, plus the 5th bit
+    of element 16j + i (bit 16j + i of the block's qh word, moved to bit 4) and/or the block
+    offset m: ``d * q + m`` is one FMA of an exact product, bit-identical to gguf-py."""
+    q = refs["qs"][(*ix, slice(None))]  # uint8 [..., 16]
+    d = _f32(refs["d"][ix])[..., None]
+    m = _f32(refs["m"][ix])[..., None] if offset else None
+    lane = lax.broadcasted_iota(jnp.int32, (16,), 0).astype(jnp.uint32)
+    runs = []
+    for j in want:
+        high = None
+        if fifth_bit:
+            bits = (refs["qh"][ix][..., None] >> (lane + jnp.uint32(16 * j))) & 1  # [..., 16]
+            high = (bits.astype(jnp.uint8), 4, 0x10)
+        u = _codes(q, bias=0 if offset else 16, nibble=j, high=high, asm=asm)
+        runs.append(fma(d, u, m, asm=asm) if offset else u * d)
+    return runs
+
+
 def _runs_q45_k(refs, ix, asm, want, *, fifth_bit: bool):
     d = _f32(refs["d"][ix])
     dmin = _f32(refs["dmin"][ix])
@@ -370,6 +396,9 @@ def _runs_q6_k(refs, ix, asm, want):
 _RUNS: dict[str, Callable] = {
     "Q8_0": _runs_q8_0,
     "Q4_0": _runs_q4_0,
+    "Q4_1": lambda *a: _runs_q45_01(*a, fifth_bit=False, offset=True),
+    "Q5_0": lambda *a: _runs_q45_01(*a, fifth_bit=True, offset=False),
+    "Q5_1": lambda *a: _runs_q45_01(*a, fifth_bit=True, offset=True),
     "Q4_K": lambda *a: _runs_q45_k(*a, fifth_bit=False),
     "Q5_K": lambda *a: _runs_q45_k(*a, fifth_bit=True),
     "Q6_K": _runs_q6_k,
@@ -636,6 +665,13 @@ def dequantize(fmt: str, fields: Mapping[str, jax.Array]) -> jax.Array:
     elif fmt == "Q4_0":
         q = _nibbles(v["qs"]).reshape(*v["qs"].shape[:-1], 32)
         w = _f32(v["d"])[..., None] * (_f32(q) - 8.0)
+    elif fmt in ("Q4_1", "Q5_0", "Q5_1"):
+        q = _nibbles(v["qs"]).reshape(*v["qs"].shape[:-1], 32)  # [..., nb, 32]
+        if fmt != "Q4_1":
+            hi = (v["qh"][..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+            q = q | (hi.astype(jnp.uint8) << 4)
+        d = _f32(v["d"])[..., None]
+        w = d * (_f32(q) - 16.0) if fmt == "Q5_0" else d * _f32(q) + _f32(v["m"])[..., None]
     elif fmt in ("Q4_K", "Q5_K"):
         q = _nibbles(v["qs"]).reshape(*v["qs"].shape[:-2], 8, 32)  # [..., nb, 8, 32]
         if fmt == "Q5_K":

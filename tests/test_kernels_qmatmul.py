@@ -56,6 +56,8 @@ def random_fields(fmt: str, lead: tuple[int, ...], n: int, k: int, seed: int = 0
             a = _scales(rng, shape)
         elif name in ("sc", "m") and fmt in ("Q4_K", "Q5_K"):
             a = rng.integers(0, 64, shape, dtype=np.uint8)  # 6-bit, as unpacked by quant.py
+        elif jnp.dtype(dtype) == jnp.uint32:  # Q5_0 / Q5_1 qh: 32 random 5th bits per block
+            a = rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32)
         else:
             a = rng.integers(0, 256, shape, dtype=np.uint8).view(jnp.dtype(dtype))
         out[name] = jnp.asarray(a)
