@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import lower_for_h100
 
 from pallas_kernels import qmatmul as qm
 from pallas_kernels import qtiles
@@ -329,7 +330,7 @@ def _lower_for_cuda(fn, *args):
     """Pallas -> Triton IR lowering for CUDA, which runs without a GPU (catches unsupported
     ops, non-power-of-two tiles, bad inline asm operands) before any GPU time is spent."""
     try:
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        return lower_for_h100(fn, *args)
     except ImportError as e:  # a jaxlib without the Triton dialect bindings
         pytest.skip(f"no Triton lowering here: {e}")
 
@@ -352,11 +353,15 @@ def test_lowers_for_cuda(fmt, m):
 
 
 @pytest.mark.parametrize("t", [1, 32])  # gathered vector rows; sorted + ragged mma
-def test_grouped_lowers_for_cuda(t):
-    f = _abstract_fields("Q4_K", (128,), 1408, 2816)
-    x = jax.ShapeDtypeStruct((t, 2816), jnp.bfloat16)
+@pytest.mark.parametrize(
+    "fmt, n, k",
+    [("Q4_K", 1408, 2816), ("Q5_0", 2816, 704)],  # 26B-A4B Q4_K_M's gate|up and down experts
+)
+def test_grouped_lowers_for_cuda(t, fmt, n, k):
+    f = _abstract_fields(fmt, (128,), n, k)
+    x = jax.ShapeDtypeStruct((t, k), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((t, 8), jnp.int32)
-    _lower_for_cuda(lambda x, f, i: qm.grouped_qmatmul(x, "Q4_K", f, i), x, f, ids)
+    _lower_for_cuda(lambda x, f, i: qm.grouped_qmatmul(x, fmt, f, i), x, f, ids)
 
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K", "Q6_K"])
