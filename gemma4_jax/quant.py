@@ -313,6 +313,24 @@ class BF16(_Dense):
 # ---------------------------------------------------------------------------------------------
 # 32-element block types
 # ---------------------------------------------------------------------------------------------
+def _q32_codes(qs) -> jax.Array:
+    """qs `[..., K/2]` -> the 4-bit codes of 32-element blocks in element order, `[..., nb, 32]`."""
+    qs = _split_blocks(jnp.asarray(qs), 16)  # [..., nb, 16]
+    return _nibbles(qs).reshape(*qs.shape[:-1], 32)
+
+
+def _q32_high_bits(qh) -> jax.Array:
+    """qh `[..., nb]` (a uint32 per block) -> the 5th bits `[..., nb, 32]` (uint8), in element
+    order."""
+    bits = (jnp.asarray(qh)[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return bits.astype(jnp.uint8)
+
+
+def _block_scale(a) -> jax.Array:
+    """A per-block f16 field `[..., nb]` as f32 `[..., nb, 1]`."""
+    return jnp.asarray(a).astype(jnp.float32)[..., None]
+
+
 @_register
 class Q8_0(QTensor):
     """Block of 32: `x = d * q`. `qs int8 [..., N, K]`, `d f16 [..., N, K/32]`."""
@@ -360,9 +378,7 @@ class Q4_0(QTensor):
 
     def _dequantize_f32(self):
         q = _q32_codes(self.qs).astype(jnp.int8) - jnp.int8(8)  # [..., nb, 32]
-        d = jnp.asarray(self.d).astype(jnp.float32)
-        x = d[..., None] * q.astype(jnp.float32)
-        return x.reshape(self.shape)
+        return (_block_scale(self.d) * q.astype(jnp.float32)).reshape(self.shape)
 
 
 # Q4_1, Q5_0 and Q5_1 rarely make up a whole file, but llama-quantize falls back to them: a
@@ -371,24 +387,6 @@ class Q4_0(QTensor):
 # ffn_down_exps (K = 704). All three keep ggml's element order inside a block: byte i of qs
 # holds element i in its low nibble and element i + 16 in its high nibble; bit i of qh (ggml's
 # four bytes, kept as one little-endian uint32 per block) is the 5th bit of element i.
-def _q32_codes(qs) -> jax.Array:
-    """qs `[..., K/2]` -> the 4-bit codes of 32-element blocks in element order, `[..., nb, 32]`."""
-    qs = _split_blocks(jnp.asarray(qs), 16)  # [..., nb, 16]
-    return _nibbles(qs).reshape(*qs.shape[:-1], 32)
-
-
-def _q32_high_bits(qh) -> jax.Array:
-    """qh `[..., nb]` (a uint32 per block) -> the 5th bits `[..., nb, 32]` (uint8), in element
-    order."""
-    bits = (jnp.asarray(qh)[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-    return bits.astype(jnp.uint8)
-
-
-def _block_scale(a) -> jax.Array:
-    """A per-block f16 field `[..., nb]` as f32 `[..., nb, 1]`."""
-    return jnp.asarray(a).astype(jnp.float32)[..., None]
-
-
 @_register
 class Q4_1(QTensor):
     """Block of 32: `x = d * q + m`, q 4-bit. `qs uint8 [..., N, K/2]` (as Q4_0), `d, m f16
