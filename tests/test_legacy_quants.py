@@ -90,3 +90,15 @@ def test_logits_and_greedy_tokens_equal_the_dequantized_model(pair, fixtures_dir
     # The quantization itself moved the logits (the test compares something non-trivial).
     _, f32_ref = load_fixture(fixtures_dir, "moe_tiny")
     assert np.abs(lf - f32_ref["logits_0"][:24]).max() > 1e-3
+
+
+def test_batched_decode_equals_the_dequantized_model(pair, fixtures_dir):
+    # 8 rows in `auto`: the layer scan hands the stacks over whole (ops.LayerSlice), as for the
+    # batched-decode kernel, and the dispatch slices them for the jnp path.
+    q, f = pair("Q5_0")
+    _, ref = load_fixture(fixtures_dir, "moe_tiny")
+    prompts = [ref["prompt_0"][: 10 + i] for i in range(8)]
+    with g4.use_kernels("auto"):
+        gq = g4.generate(q.params, prompts, max_new_tokens=4, stop_tokens=())
+        gf = g4.generate(f.params, prompts, max_new_tokens=4, stop_tokens=())
+    np.testing.assert_array_equal(np.stack(gq.tokens), np.stack(gf.tokens))
