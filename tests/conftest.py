@@ -11,6 +11,19 @@ import pytest
 os.environ.setdefault("GEMMA4_JAX_EXECUTABLE_CACHE", "0")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after every test module. XLA:CPU maps memory for each
+    executable it compiles (several regions each), and the whole suite in one process reached
+    Linux's default limit of 65,530 mappings (`vm.max_map_count`): the next compile's mmap
+    failed inside LLVM and the process died with a segmentation fault (measured from
+    /proc/PID/maps: 64,079 mappings just before the crash, ~70% through the suite)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """The shared GGUF golden fixtures: $GEMMA4_JAX_FIXTURES or the repo's sibling
