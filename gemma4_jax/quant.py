@@ -313,6 +313,14 @@ class BF16(_Dense):
 # ---------------------------------------------------------------------------------------------
 # 32-element block types
 # ---------------------------------------------------------------------------------------------
+class _PackedNibbles(QTensor):
+    """Types whose `qs` packs two 4-bit codes per byte: K is twice its last axis."""
+
+    @property
+    def shape(self):
+        return (*self.qs.shape[:-1], self.qs.shape[-1] * 2)
+
+
 def _q32_codes(qs) -> jax.Array:
     """qs `[..., K/2]` -> the 4-bit codes of 32-element blocks in element order, `[..., nb, 32]`."""
     qs = _split_blocks(jnp.asarray(qs), 16)  # [..., nb, 16]
@@ -324,6 +332,11 @@ def _q32_high_bits(qh) -> jax.Array:
     order."""
     bits = (jnp.asarray(qh)[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
     return bits.astype(jnp.uint8)
+
+
+def _q5_codes(t: Q5_0 | Q5_1) -> jax.Array:
+    """The 5-bit codes `[..., nb, 32]` (uint8) of a Q5_0 / Q5_1 tensor, in element order."""
+    return _q32_codes(t.qs) | (_q32_high_bits(t.qh) << 4)
 
 
 def _block_scale(a) -> jax.Array:
@@ -356,7 +369,7 @@ class Q8_0(QTensor):
 
 
 @_register
-class Q4_0(QTensor):
+class Q4_0(_PackedNibbles):
     """Block of 32: `x = d * (q - 8)`, q 4-bit.
 
     `qs uint8 [..., N, K/2]` (per block 16 bytes: byte i holds element i in its low nibble
@@ -366,10 +379,6 @@ class Q4_0(QTensor):
     ggml_type: ClassVar[str] = "Q4_0"
     qs: jax.Array
     d: jax.Array
-
-    @property
-    def shape(self):
-        return (*self.qs.shape[:-1], self.qs.shape[-1] * 2)
 
     @classmethod
     def _split(cls, b, xp):
@@ -388,7 +397,7 @@ class Q4_0(QTensor):
 # holds element i in its low nibble and element i + 16 in its high nibble; bit i of qh (ggml's
 # four bytes, kept as one little-endian uint32 per block) is the 5th bit of element i.
 @_register
-class Q4_1(QTensor):
+class Q4_1(_PackedNibbles):
     """Block of 32: `x = d * q + m`, q 4-bit. `qs uint8 [..., N, K/2]` (as Q4_0), `d, m f16
     [..., N, K/32]`. (`d * q` is exact in f32, so the one rounding is the add, with or without
     an FMA.)"""
@@ -397,10 +406,6 @@ class Q4_1(QTensor):
     qs: jax.Array
     d: jax.Array
     m: jax.Array
-
-    @property
-    def shape(self):
-        return (*self.qs.shape[:-1], self.qs.shape[-1] * 2)
 
     @classmethod
     def _split(cls, b, xp):
@@ -413,7 +418,7 @@ class Q4_1(QTensor):
 
 
 @_register
-class Q5_0(QTensor):
+class Q5_0(_PackedNibbles):
     """Block of 32: `x = d * (q - 16)`, q 5-bit. `qs uint8 [..., N, K/2]` (low 4 bits, as
     Q4_0), `qh uint32 [..., N, K/32]` (bit i: the 5th bit of element i), `d f16 [..., N, K/32]`."""
 
@@ -422,22 +427,18 @@ class Q5_0(QTensor):
     qh: jax.Array
     d: jax.Array
 
-    @property
-    def shape(self):
-        return (*self.qs.shape[:-1], self.qs.shape[-1] * 2)
-
     @classmethod
     def _split(cls, b, xp):
         # ggml block_q5_0: d f16 | qh uint8[4] | qs uint8[16]
         return _flat_field(b, 6, 22, xp=xp), _u32_field(b, 2, xp), _f16_field(b, 0, xp)
 
     def _dequantize_f32(self):
-        q = (_q32_codes(self.qs) | (_q32_high_bits(self.qh) << 4)).astype(jnp.int8) - jnp.int8(16)
+        q = _q5_codes(self).astype(jnp.int8) - jnp.int8(16)
         return (_block_scale(self.d) * q.astype(jnp.float32)).reshape(self.shape)
 
 
 @_register
-class Q5_1(QTensor):
+class Q5_1(_PackedNibbles):
     """Block of 32: `x = d * q + m`, q 5-bit. Fields as `Q5_0` plus `m f16 [..., N, K/32]`."""
 
     ggml_type: ClassVar[str] = "Q5_1"
@@ -445,10 +446,6 @@ class Q5_1(QTensor):
     qh: jax.Array
     d: jax.Array
     m: jax.Array
-
-    @property
-    def shape(self):
-        return (*self.qs.shape[:-1], self.qs.shape[-1] * 2)
 
     @classmethod
     def _split(cls, b, xp):
@@ -461,7 +458,7 @@ class Q5_1(QTensor):
         )
 
     def _dequantize_f32(self):
-        q = (_q32_codes(self.qs) | (_q32_high_bits(self.qh) << 4)).astype(jnp.float32)
+        q = _q5_codes(self).astype(jnp.float32)
         return (_block_scale(self.d) * q + _block_scale(self.m)).reshape(self.shape)
 
 
@@ -504,7 +501,7 @@ def _k_low4(qs: jax.Array) -> jax.Array:
 
 
 @_register
-class Q4_K(QTensor):
+class Q4_K(_PackedNibbles):
     """Super-block of 256 = 8 sub-blocks j of 32: `x = (d * sc[j]) * q - dmin * m[j]`.
 
     `qs uint8 [..., N, K/2]` (per super-block 4 chunks of 32 bytes; byte i of chunk c holds
@@ -519,10 +516,6 @@ class Q4_K(QTensor):
     sc: jax.Array
     m: jax.Array
 
-    @property
-    def shape(self):
-        return (*self.qs.shape[:-1], self.qs.shape[-1] * 2)
-
     @classmethod
     def _split(cls, b, xp):
         # ggml block_q4_K: d f16 | dmin f16 | scales uint8[12] | qs uint8[128]
@@ -535,7 +528,7 @@ class Q4_K(QTensor):
 
 
 @_register
-class Q5_K(QTensor):
+class Q5_K(_PackedNibbles):
     """Q4_K plus a 5th bit per element: `x = (d * sc[j]) * q - dmin * m[j]`, q 5-bit.
 
     Fields as `Q4_K` plus `qh uint8 [..., N, K/8]` (32 bytes per super-block; bit j of byte i
@@ -549,10 +542,6 @@ class Q5_K(QTensor):
     dmin: jax.Array
     sc: jax.Array
     m: jax.Array
-
-    @property
-    def shape(self):
-        return (*self.qs.shape[:-1], self.qs.shape[-1] * 2)
 
     @classmethod
     def _split(cls, b, xp):
