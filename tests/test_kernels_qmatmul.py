@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import lower_for_h100
+from test_quant import F16_OFFSETS
 
 from pallas_kernels import qmatmul as qm
 from pallas_kernels import qtiles
@@ -76,8 +77,6 @@ def random_raw_blocks(fmt: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
     b = rng.integers(0, 256, (n, k // block, type_size), dtype=np.uint8)
-    from test_quant import F16_OFFSETS
-
     for off in F16_OFFSETS[fmt]:
         b[..., off : off + 2] = _scales(rng, b.shape[:-1]).view(np.uint8).reshape(*b.shape[:-1], 2)
     return b.reshape(n, -1)
