@@ -33,6 +33,9 @@ CMDBUF_NO_WHILE = (
 # Programmatic dependent launch: a kernel may start while its predecessor drains (its
 # prologue overlaps the other's tail), for XLA's own fusions.
 PDL = "--xla_gpu_enable_pdl=true"
+# ... and the launch attribute that lets the runtime start the next kernel early (XLA has the two
+# as separate debug options; which one does what is what the A/B shows).
+PDL_LAUNCH = PDL + " --xla_gpu_enable_pdl_launch=true"
 # Command buffers with the layer loops unrolled into them: one CUDA graph per decode step
 # rather than a conditional node per layer (run d: WHILE in command buffers was 12% slower).
 CMDBUF_UNROLL = CMDBUF + " --xla_gpu_command_buffer_unroll_loops=true"
@@ -58,6 +61,7 @@ VARIANTS = {
     "auto+cmdbuf": ("auto", CMDBUF, {}),
     "auto+cmdbuf_nowhile": ("auto", CMDBUF_NO_WHILE, {}),
     "auto+pdl": ("auto", PDL, {}),
+    "auto+pdl_launch": ("auto", PDL_LAUNCH, {}),
     "auto+cmdbuf_unroll": ("auto", CMDBUF_UNROLL, {}),
     "auto+pdl+cmdbuf_unroll": ("auto", PDL + " " + CMDBUF_UNROLL, {}),
 }
