@@ -6,7 +6,8 @@
 # (device tool: carry [".whl"] and, if you have it, ".fixtures"; results land in $OUT.)
 # Steps, each under its own timeout, inside a total budget (default 540 s, under the tool's
 # 10-minute limit):
-#   pytest     pytest -m gpu tests/ as 4 processes side by side (GEMMA4_JAX_FIXTURES=.fixtures)
+#   pytest     pytest -m gpu tests/ as 4 processes side by side (GEMMA4_JAX_FIXTURES=.fixtures),
+#              then tests/test_legacy_quants.py (whole model, every kernel mode, compiled)
 #   fixtures   benchmarks/check_fixtures_gpu.py --out $OUT/check_fixtures_gpu.json (if present)
 #   qmatmul    benchmarks/bench_qmatmul.py --out $OUT/bench_qmatmul.json     (if the file exists)
 #   attention  benchmarks/bench_attention.py --out $OUT/bench_attention.json (if the file exists)
@@ -116,9 +117,16 @@ gpu_tests() {
     $P tests/test_kernels_qmatmul.py -k "decode or grouped or ragged or 26b" ${PYTEST_ARGS:-} \
         >"$OUT/pytest_gpu_3.log" 2>&1 &
     pids+=($!)
+    # The rest of `-m gpu`, then model-level tests that are not GPU-only but must also pass
+    # compiled: the llama-quantize fallback types through the whole model in every mode.
     # shellcheck disable=SC2086
-    $P tests/ -k "not test_kernels_attention and not (test_kernels_qmatmul and (decode or grouped or ragged or 26b))" \
-        ${PYTEST_ARGS:-} >"$OUT/pytest_gpu_4.log" 2>&1 &
+    (
+        $P tests/ -k "not test_kernels_attention and not (test_kernels_qmatmul and (decode or grouped or ragged or 26b))" \
+            ${PYTEST_ARGS:-}
+        rc=$?
+        python3 -m pytest -v -p no:cacheprovider tests/test_legacy_quants.py || rc=1
+        exit $rc
+    ) >"$OUT/pytest_gpu_4.log" 2>&1 &
     pids+=($!)
     # Each process's own exit status: a crashed pytest (abort, OOM kill) fails the step even
     # though its log holds no FAILED line.
