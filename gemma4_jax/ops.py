@@ -376,11 +376,10 @@ def matmuls(
     return [matmul(x, w) if y is None else y for y, w in zip(out, ws, strict=True)]
 
 
-# The formats the dispatch sends to the Pallas matmul kernels. The kernels also take Q4_1, Q5_0
-# and Q5_1 (qtiles; tested in interpret mode and through the CUDA lowering on the CPU), which are
-# routed here only once they have been compiled and checked on a GPU: until then they take the
-# jnp path in every mode (MoE prefill: the all-experts path; batch 1 in `auto`: matvec.py).
-_PALLAS_MATMUL_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+# The formats the dispatch sends to the Pallas matmul kernels (qtiles' formats). Q4_1, Q5_0 and
+# Q5_1 are llama-quantize's fallbacks (a real 26B-A4B Q4_K_M file's ffn_down / ffn_down_exps are
+# Q5_0); their batch-1 matmuls stay on matvec.py in `auto` (not in PALLAS_MATVEC_DEFAULT).
+_PALLAS_MATMUL_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _packed_matvec() -> bool:

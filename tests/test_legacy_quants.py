@@ -6,10 +6,10 @@ is built the way the fixtures' own `reference-<TYPE>.npz` are: the same model wi
 quantized tensor replaced by its `gguf.quants.dequantize` values in F32. The F32 model is
 checked against transformers by the fixture tests; here the quantized file must give the
 same logits (the weights are the same numbers) and the same greedy tokens, on the MoE
-fixture (experts in the new types: the gather path in decode, all-experts in prefill), in
-every kernel mode (the dispatch does not route these types to the Pallas matmul kernels until
-they are compiled on a GPU: the jnp path serves them; `auto` takes matvec.py's packed
-reductions at batch 1).
+fixture, in every kernel mode: `reference` (the gather path in decode, all experts in
+prefill), `auto` (the grouped kernel for the prompt's experts, matvec.py's packed reductions
+at batch 1, the batched-decode kernel for 8 rows) and `pallas` (the kernels everywhere).
+Interpret mode on the CPU, compiled on a GPU.
 """
 
 from __future__ import annotations
@@ -67,8 +67,7 @@ def test_file_holds_the_type(pair, type_name):
     assert experts.ggml_type == type_name
 
 
-# `pallas` once: its fallback to the jnp path does not depend on the type.
-CASES = [(t, m) for t in TYPES for m in ("reference", "auto")] + [("Q5_0", "pallas")]
+CASES = [(t, m) for t in TYPES for m in ("reference", "auto", "pallas")]
 
 
 @pytest.mark.parametrize(("type_name", "mode"), CASES)
@@ -93,8 +92,8 @@ def test_logits_and_greedy_tokens_equal_the_dequantized_model(pair, fixtures_dir
 
 
 def test_batched_decode_equals_the_dequantized_model(pair, fixtures_dir):
-    # 8 rows in `auto`: the layer scan hands the stacks over whole (ops.LayerSlice), as for the
-    # batched-decode kernel, and the dispatch slices them for the jnp path.
+    # 8 rows in `auto`: the batched-decode kernel reads the layer's stack in place
+    # (ops.LayerSlice).
     q, f = pair("Q5_0")
     _, ref = load_fixture(fixtures_dir, "moe_tiny")
     prompts = [ref["prompt_0"][: 10 + i] for i in range(8)]
