@@ -185,6 +185,8 @@ def main():
             row.update(quant=args.quant, xla_flags=flags, process_wall_s=time.perf_counter() - t0)
             print(json.dumps(row), flush=True)
         rows += got
+        if args.out:  # after every process: a call cut short still leaves what it measured
+            Path(args.out).write_text(json.dumps(rows, indent=1))
     print(
         f"\n{args.family} {args.quant}, batch {args.batch}, context {args.ctx}, "
         f"{args.steps} steps\n"
