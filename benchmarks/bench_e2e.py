@@ -1099,8 +1099,8 @@ def summarize(args, raw: dict) -> dict:
     b32 = str(args.batches[-1]) if args.batches else "32"
     put("e4b_decode_b32_tok_s", model_val(m1, "batch", b32), model_reason(m1, "batch", b32))
     # The headline keys are E4B's targets: another family's numbers stay in the model table,
-    # not under E4B's names.
-    if fam != "e4b":
+    # not under E4B's names (`smoke` is the toy E4B-like model of --smoke).
+    if fam not in ("e4b", "smoke"):
         for key in [k for k in s if k.startswith("e4b_") and not k.endswith("_reason")]:
             s.pop(key + "_reason", None)
             put(key, None, f"primary family is {fam}, not e4b (see the model table)")

@@ -227,6 +227,32 @@ def test_bench_e2e_smoke_writes_the_required_keys(tmp_path):
     assert "| metric |" in s["markdown"]
 
 
+def test_bench_e2e_other_family_leaves_the_e4b_keys_empty(tmp_path):
+    # The headline keys are E4B's targets: a run of another family must not file its numbers
+    # under them (a 26B-A4B run once did); they stay in the model table.
+    out = tmp_path / "e2e.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_e2e.py"),
+        "--smoke",
+        "--family",
+        "e2b",
+        "--only",
+        "decode",
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert s["family"] == "e2b"
+    assert s["e4b_q8_0_decode_b1_tok_s"] is None
+    assert "primary family is e2b" in s["e4b_q8_0_decode_b1_tok_s_reason"]
+    assert s["raw"]["models"]["e2b/q8_0"]["decode"]
+
+
 def test_bench_sharded_smoke(tmp_path, fixtures_dir):
     # 4 simulated CPU devices: the sharded fixture check and the scaling table on 1 and 2
     out = tmp_path / "sharded.json"
