@@ -196,22 +196,19 @@ ENTRY %main (a: f32[4]) -> f32[4] {
     assert s["static_while"] == 1
 
 
-def test_bench_e2e_smoke_writes_the_required_keys(tmp_path):
+def _bench_e2e_smoke(tmp_path, *args: str) -> dict:
+    """Runs `bench_e2e.py --smoke ARGS` in a subprocess; its JSON summary."""
     out = tmp_path / "e2e.json"
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks" / "bench_e2e.py"),
-        "--smoke",
-        "--skip",
-        "quant2",
-        "--out",
-        str(out),
-        "--workdir",
-        str(tmp_path / "work"),
-    ]
+    script = str(REPO / "benchmarks" / "bench_e2e.py")
+    cmd = [sys.executable, script, "--smoke", *args, "--out", str(out)]
+    cmd += ["--workdir", str(tmp_path / "work")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    s = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_e2e_smoke_writes_the_required_keys(tmp_path):
+    s = _bench_e2e_smoke(tmp_path, "--skip", "quant2")
     missing = [k for k in REQUIRED if k not in s]
     assert not missing, missing
     for k in REQUIRED:
@@ -230,23 +227,7 @@ def test_bench_e2e_smoke_writes_the_required_keys(tmp_path):
 def test_bench_e2e_other_family_leaves_the_e4b_keys_empty(tmp_path):
     # The headline keys are E4B's targets: a run of another family must not file its numbers
     # under them (a 26B-A4B run once did); they stay in the model table.
-    out = tmp_path / "e2e.json"
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks" / "bench_e2e.py"),
-        "--smoke",
-        "--family",
-        "e2b",
-        "--only",
-        "decode",
-        "--out",
-        str(out),
-        "--workdir",
-        str(tmp_path / "work"),
-    ]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    s = json.loads(out.read_text())
+    s = _bench_e2e_smoke(tmp_path, "--family", "e2b", "--only", "decode")
     assert s["family"] == "e2b"
     assert s["e4b_q8_0_decode_b1_tok_s"] is None
     assert "primary family is e2b" in s["e4b_q8_0_decode_b1_tok_s_reason"]
