@@ -200,8 +200,6 @@ def main():
             f"{r.get('prefill_tok_s', 0):,.0f} | "
             f"{r.get('first_call_s', 0):.1f} | {kk} | {r.get('error', '')[:60]}"
         )
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
