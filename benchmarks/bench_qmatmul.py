@@ -129,7 +129,8 @@ def _random_fields(fmt: str, n: int, k: int, key) -> dict:
         elif name in ("sc", "m") and fmt in ("Q4_K", "Q5_K"):
             out[name] = jax.random.randint(kk, a.shape, 0, 64, jnp.int32).astype(jnp.uint8)
         else:
-            bits = jax.random.bits(kk, a.shape, jnp.uint8)
+            # Bits of the field's own width (Q5_0 / Q5_1 keep their high bits as uint32).
+            bits = jax.random.bits(kk, a.shape, jnp.dtype(f"uint{8 * a.dtype.itemsize}"))
             out[name] = lax.bitcast_convert_type(bits, a.dtype)
     return out
 

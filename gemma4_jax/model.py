@@ -400,8 +400,9 @@ def run_cached(
         if fuse:
             norms += _LAYER_END_NORMS
         sliced, stacked = _split_matrices(
-            params.segments[si], rows=h.shape[0] * h.shape[1], norms=norms
-        )
+            params.segments[si], rows=h.shape[0] * h.shape[1], norms=norms,
+            experts_used=c.n_experts_used,
+        )  # fmt: skip
         donor_cache = _donor_caches(c, seg, cache)
         n_slots = len(seg.slots)
 
@@ -445,23 +446,31 @@ _STACKED_NORMS = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm
 _LAYER_END_NORMS = ("attn_norm", "post_ffw_norm", "ple_post_norm", "layer_output_scale")
 
 
-def _split_matrices(seg_params, *, rows: int, norms=_STACKED_NORMS) -> tuple[list, list]:
+def _split_matrices(
+    seg_params, *, rows: int, norms=_STACKED_NORMS, experts_used: int = 0
+) -> tuple[list, list]:
     """Per slot: (what the scan slices per layer, the weights handed over stacked).
 
     The matrices `ops.keep_stacked` picks stay whole and reach `ops.matmul` as `LayerSlice`s:
     a Pallas matmul needs the stack itself, as a slice before a custom call is a copy of the
     layer's weight every step (a batch-32 E4B profile: 3.6 of 10.3 ms). So do the norm weights
     that kernels read (`norms`): sliced, the q/k head norms alone cost 66 small copies,
-    ~3% of an E4B batch-1 step.
+    ~3% of an E4B batch-1 step. Expert stacks [L, E, N, K] likewise where the grouped kernel
+    takes the step's `rows * experts_used` pairs (`ops.keep_experts_stacked`).
     """
+
+    def whole(k, w) -> bool:
+        if k in norms and ops.stacked_weights():
+            return True
+        if not isinstance(w, quant.QTensor):
+            return False
+        if w.ndim == 3:
+            return ops.keep_stacked(w, rows)
+        return w.ndim == 4 and ops.keep_experts_stacked(w, rows * experts_used)
+
     sliced, stacked = [], []
     for slot in seg_params:
-        mats = {
-            k: w
-            for k, w in slot.items()
-            if (isinstance(w, quant.QTensor) and w.ndim == 3 and ops.keep_stacked(w, rows))
-            or (k in norms and ops.stacked_weights())
-        }
+        mats = {k: w for k, w in slot.items() if whole(k, w)}
         sliced.append({k: w for k, w in slot.items() if k not in mats})
         stacked.append(mats)
     return sliced, stacked

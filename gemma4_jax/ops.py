@@ -16,7 +16,7 @@ The mode is read when a function is traced: the public entry points (`forward`, 
 between calls takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL,
 GEMMA4_JAX_PACKED_MATVEC, GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM,
 GEMMA4_JAX_ATTN_COMBINE, GEMMA4_JAX_PALLAS_MATVEC, GEMMA4_JAX_MERGE_MATVEC,
-GEMMA4_JAX_SPLIT_PARTS, GEMMA4_JAX_INT_DOT; for A/B runs) are
+GEMMA4_JAX_SPLIT_PARTS, GEMMA4_JAX_INT_DOT, GEMMA4_JAX_GROUPED_DECODE; for A/B runs) are
 also read at trace time but are NOT part of any cache key: set them before the first call,
 or call `jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
@@ -233,6 +233,22 @@ def keep_stacked(w: quant.QTensor, rows: int) -> bool:
     return rows >= AUTO_PALLAS_ROWS[0] or w.ggml_type in ("Q4_K", "Q5_K", "Q6_K")
 
 
+def keep_experts_stacked(w: quant.QTensor, pairs: int) -> bool:
+    """Whether the cache-mode layer scan hands an expert stack `w[L, E, N, K]` over whole (a
+    `LayerSlice`) when a step asks for `pairs` (token, choice) pairs: where `expert_matmul`
+    sends them to the grouped kernel's vector path, which then reads the chosen experts in
+    place. Sliced by the scan, each layer's whole expert set (285 MB for 26B-A4B Q4_K_M's
+    gate|up) was copied before the custom call: 10.3 of a 14.2 ms step (RESULTS.md run z)."""
+    from pallas_kernels.qmatmul import GATHER_MAX_PAIRS
+
+    return (
+        stacked_weights()
+        and w.ggml_type in _PALLAS_MATMUL_TYPES
+        and pairs <= GATHER_MAX_PAIRS
+        and (kernel_mode() == "pallas" or (kernel_mode() == "auto" and _grouped_decode()))
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSlice:
     """Layer `index` of a stacked weight `stack[L, N, K]` (or `[L, D]`), not sliced yet.
@@ -394,21 +410,28 @@ def _matmul_kernel_ok() -> bool:
     return mesh is None or _size(mesh, "model") == 1
 
 
-def expert_matmul(x: jax.Array, w: quant.QTensor, expert_ids: jax.Array) -> jax.Array:
+def expert_matmul(x: jax.Array, w: quant.QTensor | LayerSlice, expert_ids: jax.Array) -> jax.Array:
     """Per-choice expert projection: x[T, K] (shared by the choices) or x[T, k, K] (one input per
     choice), w[E, N, K], expert_ids[T, k] -> [T, k, N].
 
     Reference: when few (token, choice) pairs are asked for, gather those experts' blocks and
     dequantize only them; otherwise run every expert densely and pick (cheaper than a gather of
     T*k dequantized matrices).
+
+    `w` may be a `LayerSlice` of a stack [L, E, N, K] (`keep_experts_stacked`): the grouped
+    kernel's vector path then reads the stack in place as [L*E, N, K], expert e of layer l at
+    l*E + e; the other paths slice it.
     """
+    if isinstance(w, LayerSlice):
+        return _stacked_expert_matmul(x, w, expert_ids)
     t, k = expert_ids.shape
     n_experts = w.shape[0]
     many = t * k > n_experts
     # `auto` sends many-pair calls (prefill) to the grouped kernel too: XLA has no grouped
     # matmul (its ragged_dot expands to dense), so its path runs every expert on every token.
+    # Few pairs (decode) take it where `_grouped_decode` says so.
     if (
-        (_pallas_matmul() or (kernel_mode() == "auto" and many))
+        (_pallas_matmul() or (kernel_mode() == "auto" and (many or _grouped_decode())))
         and w.ggml_type in _PALLAS_MATMUL_TYPES
         and _matmul_kernel_ok()
     ):
@@ -451,6 +474,51 @@ def expert_matmul(x: jax.Array, w: quant.QTensor, expert_ids: jax.Array) -> jax.
 # Bytes of the per-chunk [tokens, E, N] / [tokens, E, K] intermediates of the reference
 # all-experts path (a 32K-token 26B-A4B prompt needed 44 GiB in one piece).
 EXPERT_CHUNK_BYTES = 512 << 20
+
+
+def _stacked_expert_matmul(x, w: LayerSlice, expert_ids):
+    stack = w.stack
+    n_layers, n_experts = stack.shape[0], stack.shape[1]
+    from pallas_kernels.qmatmul import GATHER_MAX_PAIRS
+
+    if not (
+        expert_ids.size <= GATHER_MAX_PAIRS
+        and stack.ggml_type in _PALLAS_MATMUL_TYPES
+        and (_pallas_matmul() or (kernel_mode() == "auto" and _grouped_decode()))
+        and _mesh() is None
+    ):
+        return expert_matmul(x, w.take(), expert_ids)
+    layer = jnp.clip(jnp.asarray(w.index, jnp.int32), 0, n_layers - 1)
+    flat = jax.tree.map(lambda a: a.reshape(n_layers * n_experts, *a.shape[2:]), _fields(stack))
+    return _grouped_kernel().grouped_qmatmul(
+        x, stack.ggml_type, flat, expert_ids.astype(jnp.int32) + layer * n_experts,
+        interpret=_interpret(), block_sizes=_grouped_sizes(),
+    )  # fmt: skip
+
+
+def _grouped_decode() -> bool:
+    """GEMMA4_JAX_GROUPED_DECODE (`auto` mode, read at trace time): "1" sends few-pair expert
+    calls (decode) to the grouped kernel, which reads the chosen experts' blocks in place;
+    "0" keeps XLA's path (gather the chosen experts' blocks, dequantize, dot)."""
+    env = os.environ.get("GEMMA4_JAX_GROUPED_DECODE", GROUPED_DECODE_DEFAULT)
+    if env not in ("0", "1"):
+        raise ValueError(f"GEMMA4_JAX_GROUPED_DECODE must be 0 or 1, got {env!r}")
+    return env == "1"
+
+
+# 26B-A4B Q4_K_M batch-1 decode on the H100 (RESULTS.md run z): 227.5 -> 252.5 tok/s.
+GROUPED_DECODE_DEFAULT = "1"
+
+
+def _grouped_sizes():
+    """GEMMA4_JAX_GROUPED_SPLIT=S (A/B runs): the grouped kernel's decode calls split K S
+    ways; unset: the kernel's own choice."""
+    env = os.environ.get("GEMMA4_JAX_GROUPED_SPLIT")
+    if env is None:
+        return None
+    from pallas_kernels.qmatmul import BlockSizes
+
+    return BlockSizes(split_k=int(env))
 
 
 def _all_experts(x, wd, expert_ids):

@@ -146,11 +146,12 @@ class BlockSizes:
     int_dot: bool | None = None
 
     def resolve(
-        self, fmt: str, *, m: int, n: int, k: int, split: bool = True, dtype=None
+        self, fmt: str, *, m: int, n: int, k: int, split: bool = True, dtype=None, pairs: int = 1
     ) -> BlockSizes:
         """Fills every ``None`` for an ``[m, k] x [n, k]^T`` call with x of ``dtype`` (untuned
         H100 guesses, to be swept by benchmarks/bench_qmatmul.py) and fits the given sizes to
-        the shapes; ``int_dot`` comes back a bool."""
+        the shapes; ``int_dot`` comes back a bool. ``pairs``: a grouped vector call's one-row
+        programs per row tile (``m=1``, each pair its own expert): the split counts them all."""
         spec = qtiles.get_format(fmt)
         nb = k // spec.block
         kernel = self.kernel or ("vector" if m <= VECTOR_MAX_M else "mma")
@@ -218,7 +219,7 @@ class BlockSizes:
         elif kernel == "vector" and m == 1:
             # At least two programs per SM: a long-K matrix with few row tiles (the FFN down
             # projection: 160 tiles, 40 steps each) otherwise leaves the SMs one slow program.
-            tiles = pl.cdiv(n, bn)
+            tiles = pl.cdiv(n, bn) * pairs
             sk = max(1, min(steps, pl.cdiv(2 * _SMS, tiles)))
         else:
             tiles = pl.cdiv(n, bn) * pl.cdiv(m, bm)
@@ -957,8 +958,10 @@ def grouped_qmatmul(
     use_vector = bs.kernel == "vector" or (bs.kernel is None and pairs <= GATHER_MAX_PAIRS)
     if use_vector:
         views, n_pad = _prepare_w(fmt, fields, 1)
-        bs = dataclasses.replace(bs, kernel="vector", block_m=1)  # one program row per pair
-        bs = bs.resolve(fmt, m=pairs, n=n_pad, k=k, dtype=x.dtype)
+        # One program row per pair, each a batch-1 matvec against its expert: the one-row
+        # tiles (and integer dot products) of batch-1 decode, the split sized for all pairs.
+        bs = dataclasses.replace(bs, kernel="vector", block_m=1)
+        bs = bs.resolve(fmt, m=1, n=n_pad, k=k, dtype=x.dtype, pairs=pairs)
         with jax.named_scope(f"grouped_qmatmul_{fmt}"):
             [y] = _vector_call(
                 x2, fmt, [views], [n_pad], bs, interpret, experts=experts, x_rows=x_rows

@@ -432,6 +432,11 @@ def test_one_row_tiles():
     assert qm.BlockSizes().resolve("Q8_0", m=1, n=2048, k=2560, dtype=jnp.bfloat16).int_dot is False
     forced = qm.BlockSizes(int_dot=True).resolve("Q4_K", m=3, n=2048, k=2560, dtype=jnp.float32)
     assert forced.int_dot is True
+    # Grouped decode: each (token, choice) pair is a one-row program, so the split counts them
+    # all (8 pairs x 176 tiles of the 26B-A4B down experts: no split; one pair: split 2).
+    pairs8 = qm.BlockSizes().resolve("Q5_0", m=1, n=2816, k=704, pairs=8)
+    assert (pairs8.block_n, pairs8.split_k) == (16, 1)
+    assert qm.BlockSizes().resolve("Q5_0", m=1, n=2816, k=704, pairs=1).split_k == 2
 
 
 def test_field_validation():
@@ -557,6 +562,22 @@ class TestQMatmul:
         out = qm.grouped_qmatmul(x, fmt, fields, ids, interpret=self.interpret)
         ref = qm.grouped_qmatmul_reference(x, fmt, fields, ids)
         _close(out, ref, dtype, f"grouped {fmt} T={t} k={k}")
+
+    @pytest.mark.parametrize("x3", [False, True])
+    @pytest.mark.parametrize("fmt", qtiles.INT_DOT_FORMATS)
+    def test_grouped_int_dot(self, fmt, x3):
+        # Batch-1 MoE decode in bf16: every pair a one-row program with integer dot products
+        # (on by default for INT_DOT_DEFAULT, asked for here for every format), shared x (the
+        # gate|up experts) and one x per choice (down), K over several steps.
+        e, n, t, k = 6, 40, 1, 4
+        kk = 8 * 256
+        fields = random_fields(fmt, (e,), n, kk, seed=7)
+        ids = jax.random.permutation(jax.random.PRNGKey(8), e)[:k].reshape(t, k)
+        x = random_x((t, k, kk) if x3 else (t, kk), jnp.bfloat16, seed=9)
+        bs = qm.BlockSizes(int_dot=True)
+        out = qm.grouped_qmatmul(x, fmt, fields, ids, interpret=self.interpret, block_sizes=bs)
+        ref = qm.grouped_qmatmul_reference(x, fmt, fields, ids)
+        _close(out, ref, jnp.bfloat16, f"grouped int-dot {fmt} x3={x3}")
 
     @pytest.mark.parametrize(
         "fmt, m, layer, dtype",
@@ -758,7 +779,13 @@ class TestQMatmulGpu(TestQMatmul):
     @pytest.mark.parametrize("t", [1, 4, 256])
     @pytest.mark.parametrize(
         "fmt, n, k",
-        [("Q8_0", 1408, 2816), ("Q4_K", 1408, 2816), ("Q6_K", 1408, 2816), ("Q8_0", 2816, 704)],
+        [
+            ("Q8_0", 1408, 2816),
+            ("Q4_K", 1408, 2816),
+            ("Q6_K", 1408, 2816),
+            ("Q8_0", 2816, 704),
+            ("Q5_0", 2816, 704),  # the down experts of a real Q4_K_M file
+        ],
     )
     def test_26b_experts(self, fmt, n, k, t):
         e, top = 128, 8

@@ -101,3 +101,45 @@ def test_batched_decode_equals_the_dequantized_model(pair, fixtures_dir):
         gq = g4.generate(q.params, prompts, max_new_tokens=4, stop_tokens=())
         gf = g4.generate(f.params, prompts, max_new_tokens=4, stop_tokens=())
     np.testing.assert_array_equal(np.stack(gq.tokens), np.stack(gf.tokens))
+
+
+@pytest.mark.parametrize("mode", ["auto", "pallas"])
+def test_decode_reads_the_expert_stacks_in_place(pair, fixtures_dir, monkeypatch, mode):
+    # Batch-1 decode with the grouped kernel (`auto` under GEMMA4_JAX_GROUPED_DECODE=1, and
+    # `pallas`): the layer scan hands each expert stack over whole (ops.keep_experts_stacked)
+    # and the kernel reads it as [layers * experts, N, K] (a slice before the custom call
+    # copied every layer's experts each step). The tokens must not change.
+    import sys
+
+    import jax
+
+    from pallas_kernels import qmatmul as qk
+
+    q, f = pair("Q5_0")
+    stack = q.params.segments[0][0]["experts_down"]
+    flat_rows = stack.shape[0] * stack.shape[1]
+    _, ref = load_fixture(fixtures_dir, "moe_tiny")
+    prompt = ref["prompt_0"][:12]
+    seen = []
+    real = qk.grouped_qmatmul
+    monkeypatch.setattr(
+        qk, "grouped_qmatmul", lambda *a, **kw: seen.append(a[2]["d"].shape[0]) or real(*a, **kw)
+    )
+    monkeypatch.setenv("GEMMA4_JAX_GROUPED_DECODE", "1")
+    generate = sys.modules["gemma4_jax.generate"]
+
+    def fresh_programs():  # traced again, through the patch and the variable
+        jax.clear_caches()
+        generate._PROGRAMS.clear()
+
+    fresh_programs()
+    try:
+        with g4.use_kernels(mode):
+            gq = g4.generate(q.params, [prompt], max_new_tokens=4, stop_tokens=())
+    finally:
+        monkeypatch.undo()
+        fresh_programs()
+    assert flat_rows in seen, (flat_rows, seen)
+    with g4.use_kernels("reference"):
+        gf = g4.generate(f.params, [prompt], max_new_tokens=4, stop_tokens=())
+    np.testing.assert_array_equal(gq.tokens[0], gf.tokens[0])

@@ -245,3 +245,33 @@ def test_int_dot_switch(monkeypatch):
     np.testing.assert_array_equal(default, float_path)
     np.testing.assert_array_equal(off, float_path)
     np.testing.assert_array_equal(on, int_path)
+
+
+def test_grouped_decode_switch_routes_few_expert_pairs_to_the_kernel(monkeypatch):
+    # GEMMA4_JAX_GROUPED_DECODE: in `auto` mode, "1" sends decode's few (token, choice) pairs
+    # to the grouped kernel (interpret mode here), "0" keeps XLA's gather + dequantize + dot;
+    # both agree with the reference. Another value is an error that names the variable.
+    from pallas_kernels import qmatmul as qk
+
+    calls = []
+    real = qk.grouped_qmatmul
+    monkeypatch.setattr(
+        qk, "grouped_qmatmul", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw)
+    )
+    e, n, k = 6, 24, 512
+    w = _weight("Q4_K", e * n, k, seed=11)
+    w = jax.tree.map(lambda a: a.reshape(e, n, *a.shape[1:]), w)
+    ids = jnp.array([[4, 1, 3]], jnp.int32)
+    x = random_x((1, k), jnp.float32, seed=12)
+    with ops.use_kernels("reference"):
+        ref = ops.expert_matmul(x, w, ids)
+    for env, expect in (("1", ["Q4_K"]), ("0", [])):
+        monkeypatch.setenv("GEMMA4_JAX_GROUPED_DECODE", env)
+        calls.clear()
+        with ops.use_kernels("auto"):
+            out = ops.expert_matmul(x, w, ids)
+        assert calls == expect, env
+        _check(out.reshape(3, n), ref.reshape(3, n), jnp.float32)
+    monkeypatch.setenv("GEMMA4_JAX_GROUPED_DECODE", "yes")
+    with pytest.raises(ValueError, match="GEMMA4_JAX_GROUPED_DECODE"), ops.use_kernels("auto"):
+        ops.expert_matmul(x, w, ids)
