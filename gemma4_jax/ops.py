@@ -6,7 +6,8 @@ pure-jnp reference or a Pallas kernel, chosen by `GEMMA4_JAX_KERNELS`:
 - `reference` (the default on CPU): the jnp references;
 - `pallas`: every kernel (on CPU in interpret mode);
 - `auto` (the default on GPU): the Pallas attention, norm+RoPE and (decode rows)
-  residual+norm kernels, the grouped expert kernel for MoE prefill, and the quantized matmul
+  residual+norm kernels, the grouped expert kernel for MoE prefill and decode (the expert
+  stacks read in place at decode, `keep_experts_stacked`), and the quantized matmul
   kernel for batched decode (8-64 rows) and for batch-1 Q4_K / Q6_K matmuls
   (`PALLAS_MATVEC_DEFAULT`); XLA for the other matmuls (other batch-1 ones as reductions over
   the packed bytes, matvec.py; prefill as dequantize+dot).
@@ -16,7 +17,8 @@ The mode is read when a function is traced: the public entry points (`forward`, 
 between calls takes effect. The finer switches below (GEMMA4_JAX_BATCH_QMATMUL,
 GEMMA4_JAX_PACKED_MATVEC, GEMMA4_JAX_STACKED_QMATMUL, GEMMA4_JAX_RESIDUAL_NORM,
 GEMMA4_JAX_ATTN_COMBINE, GEMMA4_JAX_PALLAS_MATVEC, GEMMA4_JAX_MERGE_MATVEC,
-GEMMA4_JAX_SPLIT_PARTS, GEMMA4_JAX_INT_DOT, GEMMA4_JAX_GROUPED_DECODE; for A/B runs) are
+GEMMA4_JAX_SPLIT_PARTS, GEMMA4_JAX_INT_DOT, GEMMA4_JAX_GROUPED_DECODE,
+GEMMA4_JAX_GROUPED_SPLIT; for A/B runs) are
 also read at trace time but are NOT part of any cache key: set them before the first call,
 or call `jax.clear_caches()` and clear `generate._PROGRAMS` as benchmarks/decode_probe.py does.
 
@@ -518,6 +520,8 @@ def _grouped_sizes():
         return None
     from pallas_kernels.qmatmul import BlockSizes
 
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"GEMMA4_JAX_GROUPED_SPLIT must be a positive integer, got {env!r}")
     return BlockSizes(split_k=int(env))
 
 

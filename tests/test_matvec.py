@@ -275,3 +275,7 @@ def test_grouped_decode_switch_routes_few_expert_pairs_to_the_kernel(monkeypatch
     monkeypatch.setenv("GEMMA4_JAX_GROUPED_DECODE", "yes")
     with pytest.raises(ValueError, match="GEMMA4_JAX_GROUPED_DECODE"), ops.use_kernels("auto"):
         ops.expert_matmul(x, w, ids)
+    monkeypatch.setenv("GEMMA4_JAX_GROUPED_DECODE", "1")
+    monkeypatch.setenv("GEMMA4_JAX_GROUPED_SPLIT", "two")
+    with pytest.raises(ValueError, match="GEMMA4_JAX_GROUPED_SPLIT"):
+        ops._grouped_sizes()
