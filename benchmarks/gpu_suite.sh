@@ -6,8 +6,8 @@
 # (device tool: carry [".whl"] and, if you have it, ".fixtures"; results land in $OUT.)
 # Steps, each under its own timeout, inside a total budget (default 540 s, under the tool's
 # 10-minute limit):
-#   pytest     pytest -m gpu tests/ as 4 processes side by side (GEMMA4_JAX_FIXTURES=.fixtures),
-#              and tests/test_legacy_quants.py (whole model, every kernel mode) as a fifth
+#   pytest     pytest -m gpu tests/ as 5 processes side by side (GEMMA4_JAX_FIXTURES=.fixtures),
+#              and tests/test_legacy_quants.py (whole model, every kernel mode) as two more
 #   fixtures   benchmarks/check_fixtures_gpu.py --out $OUT/check_fixtures_gpu.json (if present)
 #   qmatmul    benchmarks/bench_qmatmul.py --out $OUT/bench_qmatmul.json     (if the file exists)
 #   attention  benchmarks/bench_attention.py --out $OUT/bench_attention.json (if the file exists)
@@ -98,7 +98,7 @@ note ""
 note "| step | status | seconds |"
 note "|---|---|---|"
 
-# Triton compiles are CPU-bound and serial inside one process: the GPU tests run as five
+# Triton compiles are CPU-bound and serial inside one process: the GPU tests run as seven
 # pytest processes side by side (and the fixtures one process each), which fits them into one
 # call (measured 2026-11-24: ~6.5 min for all four groups and every fixture in parallel).
 gpu_tests() {
@@ -118,14 +118,24 @@ gpu_tests() {
         >"$OUT/pytest_gpu_3.log" 2>&1 &
     pids+=($!)
     # shellcheck disable=SC2086
-    $P tests/ -k "not test_kernels_attention and not (test_kernels_qmatmul and (decode or grouped or ragged or 26b))" \
+    $P tests/ -k "not test_kernels_attention and not (test_kernels_qmatmul and (decode or grouped or ragged or 26b or e4b_shapes))" \
         ${PYTEST_ARGS:-} >"$OUT/pytest_gpu_4.log" 2>&1 &
+    pids+=($!)
+    # The 120 E4B-shape cases (8 formats) apart: with them, the process above did not finish
+    # in 500 s (run z).
+    # shellcheck disable=SC2086
+    $P tests/test_kernels_qmatmul.py -k "e4b_shapes" ${PYTEST_ARGS:-} \
+        >"$OUT/pytest_gpu_5.log" 2>&1 &
     pids+=($!)
     # A model-level test that is not GPU-only but must also pass compiled (the llama-quantize
     # fallback types through the whole model in every kernel mode), in a process of its own: its
     # whole-model compiles took over 5 min on the H100 in run y (12 of its 13 cases, in two
-    # calls), so the step may need PYTEST_TIMEOUT_S above the default.
-    python3 -m pytest -v -p no:cacheprovider tests/test_legacy_quants.py >"$OUT/pytest_gpu_5.log" 2>&1 &
+    # calls) and one process did not finish its 15 in 500 s in run z: two processes, so the
+    # step may still need PYTEST_TIMEOUT_S above the default.
+    local L="python3 -m pytest -v -p no:cacheprovider tests/test_legacy_quants.py"
+    $L -k "Q5_0 or batched or in_place" >"$OUT/pytest_gpu_6.log" 2>&1 &
+    pids+=($!)
+    $L -k "not (Q5_0 or batched or in_place)" >"$OUT/pytest_gpu_7.log" 2>&1 &
     pids+=($!)
     # Each process's own exit status: a crashed pytest (abort, OOM kill) fails the step even
     # though its log holds no FAILED line.
@@ -137,11 +147,11 @@ gpu_tests() {
 if want pytest; then
     export -f gpu_tests
     export OUT PYTEST_ARGS
-    rm -f "$OUT"/pytest_gpu_[1-5].log
-    run "pytest -m gpu (5 processes)" "${PYTEST_TIMEOUT_S:-400}" "$LOGS" bash -c gpu_tests
+    rm -f "$OUT"/pytest_gpu_[1-7].log
+    run "pytest -m gpu (7 processes)" "${PYTEST_TIMEOUT_S:-400}" "$LOGS" bash -c gpu_tests
     # Merged here, not inside gpu_tests: a timeout kills that shell before it could.
-    cat "$OUT"/pytest_gpu_[1-5].log >"$OUT/pytest_gpu.log" 2>/dev/null
-    rm -f "$OUT"/pytest_gpu_[1-5].log
+    cat "$OUT"/pytest_gpu_[1-7].log >"$OUT/pytest_gpu.log" 2>/dev/null
+    rm -f "$OUT"/pytest_gpu_[1-7].log
     note "| pytest -m gpu: $(grep -cE '::.* PASSED' "$OUT/pytest_gpu.log") passed, $(grep -cE '::.* FAILED' "$OUT/pytest_gpu.log") failed, $(grep -cE '::.* ERROR' "$OUT/pytest_gpu.log") errors | | |"
 fi
 if want fixtures; then
