@@ -241,13 +241,20 @@ def keep_experts_stacked(w: quant.QTensor, pairs: int) -> bool:
     sends them to the grouped kernel's vector path, which then reads the chosen experts in
     place. Sliced by the scan, each layer's whole expert set (285 MB for 26B-A4B Q4_K_M's
     gate|up) was copied before the custom call: 10.3 of a 14.2 ms step (RESULTS.md run z)."""
+    return stacked_weights() and _grouped_vector(w.ggml_type, pairs)
+
+
+def _grouped_vector(ggml_type: str, pairs: int) -> bool:
+    """Whether `expert_matmul` sends a call of `pairs` (token, choice) pairs on experts of this
+    type to the grouped kernel's vector path (few pairs: decode): in `pallas` mode, and in
+    `auto` where `_grouped_decode` says so."""
     from pallas_kernels.qmatmul import GATHER_MAX_PAIRS
 
+    mode = kernel_mode()
     return (
-        stacked_weights()
-        and w.ggml_type in _PALLAS_MATMUL_TYPES
+        ggml_type in _PALLAS_MATMUL_TYPES
         and pairs <= GATHER_MAX_PAIRS
-        and (kernel_mode() == "pallas" or (kernel_mode() == "auto" and _grouped_decode()))
+        and (mode == "pallas" or (mode == "auto" and _grouped_decode()))
     )
 
 
@@ -481,14 +488,7 @@ EXPERT_CHUNK_BYTES = 512 << 20
 def _stacked_expert_matmul(x, w: LayerSlice, expert_ids):
     stack = w.stack
     n_layers, n_experts = stack.shape[0], stack.shape[1]
-    from pallas_kernels.qmatmul import GATHER_MAX_PAIRS
-
-    if not (
-        expert_ids.size <= GATHER_MAX_PAIRS
-        and stack.ggml_type in _PALLAS_MATMUL_TYPES
-        and (_pallas_matmul() or (kernel_mode() == "auto" and _grouped_decode()))
-        and _mesh() is None
-    ):
+    if not (_grouped_vector(stack.ggml_type, expert_ids.size) and _mesh() is None):
         return expert_matmul(x, w.take(), expert_ids)
     layer = jnp.clip(jnp.asarray(w.index, jnp.int32), 0, n_layers - 1)
     flat = jax.tree.map(lambda a: a.reshape(n_layers * n_experts, *a.shape[2:]), _fields(stack))
