@@ -297,6 +297,20 @@ def test_bench_attention_smoke_runs():
     assert ba.main(["--smoke"]) == 0
 
 
+def test_bench_grouped_decode_smoke(tmp_path):
+    # The MoE decode tile bench at toy sizes in interpret mode: every variant runs and
+    # computes what XLA's gather path does in f32 (bf16 x and outputs: ~1e-2 relative).
+    from benchmarks import bench_grouped_decode as bg
+
+    out = tmp_path / "grouped.json"
+    assert bg.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["shape"], r["variant"]) for r in rows} == {
+        (s, v) for s in ("gate_up", "down") for v in bg.SMOKE_VARIANTS.split(";")
+    }
+    assert all(r["us_per_call"] > 0 and r["max_rel_err"] < 2e-2 for r in rows), rows
+
+
 def test_first_token_probe_smoke(fixtures_dir):
     # A tiny fixture GGUF on the CPU: one cold and one warm fresh process on one cache, each
     # with its phases and JAX's compile-log totals.
