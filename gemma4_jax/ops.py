@@ -438,9 +438,14 @@ def expert_matmul(x: jax.Array, w: quant.QTensor | LayerSlice, expert_ids: jax.A
     many = t * k > n_experts
     # `auto` sends many-pair calls (prefill) to the grouped kernel too: XLA has no grouped
     # matmul (its ragged_dot expands to dense), so its path runs every expert on every token.
-    # Few pairs (decode) take it where `_grouped_decode` says so.
+    # Few pairs (decode) take its vector path where `_grouped_vector` says so; the pairs of
+    # batched MoE decode (more than its vector path takes, fewer than `many`) stay on XLA.
     if (
-        (_pallas_matmul() or (kernel_mode() == "auto" and (many or _grouped_decode())))
+        (
+            _pallas_matmul()
+            or (kernel_mode() == "auto" and many)
+            or _grouped_vector(w.ggml_type, t * k)
+        )
         and w.ggml_type in _PALLAS_MATMUL_TYPES
         and _matmul_kernel_ok()
     ):

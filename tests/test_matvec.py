@@ -272,6 +272,17 @@ def test_grouped_decode_switch_routes_few_expert_pairs_to_the_kernel(monkeypatch
             out = ops.expert_matmul(x, w, ids)
         assert calls == expect, env
         _check(out.reshape(3, n), ref.reshape(3, n), jnp.float32)
+    # More pairs than the kernel's vector path takes (18 > 16), fewer than the experts (24):
+    # batched MoE decode, which stays on XLA's gather path.
+    w24 = _weight("Q4_K", 24 * n, k, seed=13)
+    w24 = jax.tree.map(lambda a: a.reshape(24, n, *a.shape[1:]), w24)
+    ids18 = jax.random.randint(jax.random.PRNGKey(14), (6, 3), 0, 24)
+    x6 = random_x((6, k), jnp.float32, seed=15)
+    calls.clear()
+    monkeypatch.setenv("GEMMA4_JAX_GROUPED_DECODE", "1")
+    with ops.use_kernels("auto"):
+        ops.expert_matmul(x6, w24, ids18)
+    assert calls == []
     monkeypatch.setenv("GEMMA4_JAX_GROUPED_DECODE", "yes")
     with pytest.raises(ValueError, match="GEMMA4_JAX_GROUPED_DECODE"), ops.use_kernels("auto"):
         ops.expert_matmul(x, w, ids)
