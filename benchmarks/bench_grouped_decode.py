@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_qmatmul import _random_fields  # noqa: E402
 
+from gemma4_jax import ops, quant  # noqa: E402
 from pallas_kernels import qmatmul as qm  # noqa: E402
 from pallas_kernels import qtiles  # noqa: E402
 
@@ -59,11 +60,9 @@ def _variants(spec: str) -> list[tuple[str, qm.BlockSizes | None]]:
 
 
 def _xla_gather(x, fmt, fields, ids):
-    w = {k: v[ids.reshape(-1)] for k, v in fields.items()}  # the chosen experts' blocks
-    wd = qtiles.dequantize(fmt, w).astype(x.dtype).reshape(*ids.shape, *w["d"].shape[1:2], -1)
-    if x.ndim == 2:
-        x = jnp.broadcast_to(x[:, None, :], (*ids.shape, x.shape[-1]))
-    return jnp.einsum("tkK,tkNK->tkN", x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
+    """`ops.expert_matmul`'s XLA path (what `auto` ran before the grouped kernel took decode)."""
+    with ops.use_kernels("reference"):
+        return ops.expert_matmul(x, getattr(quant, fmt)(**fields), ids)
 
 
 def run(args) -> list[dict]:
