@@ -6,8 +6,9 @@ pure-jnp reference or a Pallas kernel, chosen by `GEMMA4_JAX_KERNELS`:
 - `reference` (the default on CPU): the jnp references;
 - `pallas`: every kernel (on CPU in interpret mode);
 - `auto` (the default on GPU): the Pallas attention, norm+RoPE and (decode rows)
-  residual+norm kernels, the grouped expert kernel for MoE prefill and decode (the expert
-  stacks read in place at decode, `keep_experts_stacked`), and the quantized matmul
+  residual+norm kernels, the grouped expert kernel for MoE prefill and for decode steps of at
+  most 16 (token, choice) pairs (the expert stacks read in place, `keep_experts_stacked`;
+  batched MoE decode keeps XLA's gather path), and the quantized matmul
   kernel for batched decode (8-64 rows) and for batch-1 Q4_K / Q6_K matmuls
   (`PALLAS_MATVEC_DEFAULT`); XLA for the other matmuls (other batch-1 ones as reductions over
   the packed bytes, matvec.py; prefill as dequantize+dot).
